@@ -1,0 +1,50 @@
+"""Run a loaded artifact on batches of preprocessed slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from models.artifact import Artifact
+
+
+def resolve_device(requested: str) -> torch.device:
+    """`auto` picks CUDA when present; `cuda` without a GPU is an error."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("inference.device is 'cuda' but no CUDA device is available")
+    if requested not in ("cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    return torch.device(requested)
+
+
+class SlicePredictor:
+    """Slice probabilities from a model artifact, on CPU or CUDA.
+
+    On CUDA the network runs channels-last under fp16 autocast; the softmax is
+    computed in fp32 on the logits, so both devices give the same classes.
+    """
+
+    def __init__(self, artifact: Artifact, device: str = "auto") -> None:
+        self.manifest = artifact.manifest
+        self.device = resolve_device(device)
+        network = artifact.build_network().to(self.device)
+        if self.device.type == "cuda":
+            network = network.to(memory_format=torch.channels_last)
+        self.network = network
+
+    @torch.inference_mode()
+    def predict(self, batch: torch.Tensor) -> np.ndarray:
+        """(n, 3, S, S) normalised inputs -> (n, classes) probabilities (float64)."""
+        if batch.ndim != 4 or batch.shape[1] != 3:
+            raise ValueError(f"expected a (n, 3, S, S) batch, got shape {tuple(batch.shape)}")
+        inputs = batch.to(self.device, non_blocking=True)
+        if self.device.type == "cuda":
+            inputs = inputs.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.float16):
+                logits = self.network(inputs)
+        else:
+            logits = self.network(inputs)
+        probabilities = torch.softmax(logits.float(), dim=1)
+        return probabilities.cpu().numpy().astype(np.float64)
