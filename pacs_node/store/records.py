@@ -1,0 +1,164 @@
+"""What the job store hands out and takes in: enums and frozen dataclasses.
+
+ORM rows never leave the store; callers see only these immutable records.
+All datetimes are timezone-aware UTC.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class JobKind(StrEnum):
+    INFER = "infer"
+    SEND = "send"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    DEAD = "dead"
+
+
+class SeriesState(StrEnum):
+    OPEN = "open"
+    # Handed to inference for its current revision.
+    COMPLETE = "complete"
+    # Completed with no classifiable instance: nothing to infer.
+    SKIPPED = "skipped"
+
+
+class InstanceOutcome(StrEnum):
+    NEW = "new"
+    IDENTICAL = "identical"
+    CHANGED = "changed"
+
+
+@dataclass(frozen=True)
+class NewInstance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    transfer_syntax_uid: str
+    # Relative to the storage root.
+    path: str
+    size: int
+    sha256: str
+    calling_ae: str
+    received_at: datetime
+    instance_number: int | None
+    images_in_acquisition: int | None
+    classifiable: bool
+    exclusion_reason: str | None
+
+
+@dataclass(frozen=True)
+class Instance:
+    sop_instance_uid: str
+    sop_class_uid: str
+    series_instance_uid: str
+    study_instance_uid: str
+    modality: str
+    transfer_syntax_uid: str
+    path: str
+    size: int
+    sha256: str
+    calling_ae: str
+    received_at: datetime
+    instance_number: int | None
+    images_in_acquisition: int | None
+    classifiable: bool
+    exclusion_reason: str | None
+
+
+@dataclass(frozen=True)
+class Series:
+    series_instance_uid: str
+    study_instance_uid: str
+    # The AE that sent the first instance; it selects the quiet period.
+    calling_ae: str
+    state: SeriesState
+    # 0 until the first completion; +1 at each completion.
+    revision: int
+    instance_count: int
+    classifiable_count: int
+    first_received_at: datetime
+    last_received_at: datetime
+    # None while open.
+    completed_at: datetime | None
+    skip_reason: str | None
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    kind: JobKind
+    status: JobStatus
+    series_instance_uid: str
+    revision: int
+    # SEND jobs: the result to send and where to.
+    result_id: int | None
+    destination: str | None
+    attempts: int
+    max_attempts: int
+    run_after: datetime
+    lease_until: datetime | None
+    # The worker that claimed it last.
+    worker_id: str | None
+    last_error: str | None
+    created_at: datetime
+    updated_at: datetime
+
+
+@dataclass(frozen=True)
+class JobEvent:
+    id: int
+    job_id: int
+    at: datetime
+    event: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class NewResult:
+    series_instance_uid: str
+    study_instance_uid: str
+    revision: int
+    model_name: str
+    model_version: str
+    model_hash: str
+    label: str
+    probabilities: dict[str, float]
+    # JSON-able per-slice evidence.
+    slices: list[dict[str, Any]]
+    # SOP Instance UIDs of the slices that drove the decision.
+    evidence: list[str]
+    sr_sop_instance_uid: str
+    sr_series_instance_uid: str
+    # Relative to the storage root.
+    sr_path: str
+
+
+@dataclass(frozen=True)
+class Result:
+    id: int
+    series_instance_uid: str
+    study_instance_uid: str
+    revision: int
+    model_name: str
+    model_version: str
+    model_hash: str
+    label: str
+    probabilities: dict[str, float]
+    slices: list[dict[str, Any]]
+    evidence: list[str]
+    sr_sop_instance_uid: str
+    sr_series_instance_uid: str
+    sr_path: str
+    created_at: datetime

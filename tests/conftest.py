@@ -1,0 +1,3 @@
+"""Fixtures shared by the test modules."""
+
+from tests.postgres_server import postgres_server, postgres_url  # noqa: F401 (fixtures)
