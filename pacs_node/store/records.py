@@ -8,23 +8,30 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
+from enum import Enum
 from typing import Any
 
 
-class JobKind(StrEnum):
+class TextEnum(str, Enum):
+    """A string enum that prints as its value (`enum.StrEnum` needs Python 3.11)."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class JobKind(TextEnum):
     INFER = "infer"
     SEND = "send"
 
 
-class JobStatus(StrEnum):
+class JobStatus(TextEnum):
     QUEUED = "queued"
     RUNNING = "running"
     DONE = "done"
     DEAD = "dead"
 
 
-class SeriesState(StrEnum):
+class SeriesState(TextEnum):
     OPEN = "open"
     # Handed to inference for its current revision.
     COMPLETE = "complete"
@@ -32,7 +39,7 @@ class SeriesState(StrEnum):
     SKIPPED = "skipped"
 
 
-class InstanceOutcome(StrEnum):
+class InstanceOutcome(TextEnum):
     NEW = "new"
     IDENTICAL = "identical"
     CHANGED = "changed"

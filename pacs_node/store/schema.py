@@ -8,7 +8,6 @@ database agree.
 from __future__ import annotations
 
 from datetime import datetime, timezone
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -39,6 +38,7 @@ from pacs_node.store.records import (
     Result,
     Series,
     SeriesState,
+    TextEnum,
 )
 
 UID = String(64)
@@ -73,7 +73,7 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.astimezone(timezone.utc)
 
 
-def _enum(cls: type[StrEnum]) -> Enum:
+def _enum(cls: type[TextEnum]) -> Enum:
     # Stored as plain text values ("queued"), not names and not a native
     # PostgreSQL enum type, so a new member needs no type migration.
     return Enum(

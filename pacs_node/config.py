@@ -1,0 +1,189 @@
+"""The node's settings: one typed object from a TOML file and the environment.
+
+Precedence, highest first: environment variables `PACS_NODE_<SECTION>__<KEY>`
+(lists and tables as JSON), the TOML file, the defaults below.
+`config/node.toml` documents every key. The object is validated once at
+start-up and passed explicitly; nothing reads it from a global.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from pacs_node.errors import ConfigurationError
+
+DEFAULT_CONFIG = Path("config/node.toml")
+BUNDLED_MODEL = Path(__file__).resolve().parents[1] / "models" / "bundled" / "lung-ct-mobilenetv2"
+CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+# Characters the standard allows in an AE title (PS3.5 6.2: default repertoire, no backslash).
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+class Section(BaseModel):
+    """A settings table; unknown keys are errors, so a typo cannot go unnoticed."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+def _check_ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a valid AE title (1-16 printable characters, no '\\')")
+    return value.strip()
+
+
+class DicomSettings(Section):
+    ae_title: str = "PACSNODE"
+    port: int = Field(default=11112, ge=1, le=65535)
+    bind: str = "0.0.0.0"
+    # Empty: any calling AE may associate.
+    allowed_calling_aes: list[str] = Field(default_factory=list)
+    max_associations: int = Field(default=16, ge=1)
+    acse_timeout_seconds: float = Field(default=30.0, gt=0)
+    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
+    network_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @field_validator("allowed_calling_aes")
+    @classmethod
+    def _check_allowed(cls, values: list[str]) -> list[str]:
+        return [_check_ae_title(value) for value in values]
+
+
+class StorageSettings(Section):
+    root: Path = Path("var")
+    # fsync every received file and its folder before acknowledging it.
+    fsync: bool = True
+
+
+class DatabaseSettings(Section):
+    # Empty: a SQLite file under storage.root.
+    url: str = ""
+
+
+class IntakeSettings(Section):
+    """Which received instances become inference work; the rest are only stored."""
+
+    modalities: list[str] = Field(default_factory=lambda: ["CT"])
+    sop_classes: list[str] = Field(default_factory=lambda: [CT_IMAGE_STORAGE])
+    # ImageType values that mark an image as a localizer/scout, never classified.
+    excluded_image_types: list[str] = Field(default_factory=lambda: ["LOCALIZER", "SCOUT"])
+
+
+class SeriesSettings(Section):
+    quiet_seconds: float = Field(default=30.0, gt=0)
+    # Per calling AE title, for modalities that pause longer between images.
+    quiet_seconds_by_ae: dict[str, float] = Field(default_factory=dict)
+    sweep_seconds: float = Field(default=1.0, gt=0)
+
+
+class InferenceSettings(Section):
+    model: Path = BUNDLED_MODEL
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(default=16, ge=1, le=1024)
+    max_attempts: int = Field(default=3, ge=1)
+
+
+class Destination(Section):
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+
+    _ae = field_validator("ae_title")(_check_ae_title)
+
+    @property
+    def key(self) -> str:
+        """How a destination is named in the job store and in logs."""
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+class ResultsSettings(Section):
+    destinations: list[Destination] = Field(default_factory=list)
+    max_attempts: int = Field(default=8, ge=1)
+    retry_base_seconds: float = Field(default=5.0, gt=0)
+    retry_max_seconds: float = Field(default=600.0, gt=0)
+    institution_name: str = ""
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> ResultsSettings:
+        keys = [destination.key for destination in self.destinations]
+        if len(keys) != len(set(keys)):
+            raise ValueError(f"results.destinations lists a destination twice: {keys}")
+        return self
+
+
+class QueueSettings(Section):
+    lease_seconds: float = Field(default=300.0, gt=0)
+    poll_seconds: float = Field(default=1.0, gt=0)
+    reap_seconds: float = Field(default=30.0, gt=0)
+
+
+class LoggingSettings(Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="PACS_NODE_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    dicom: DicomSettings = Field(default_factory=DicomSettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    database: DatabaseSettings = Field(default_factory=DatabaseSettings)
+    intake: IntakeSettings = Field(default_factory=IntakeSettings)
+    series: SeriesSettings = Field(default_factory=SeriesSettings)
+    inference: InferenceSettings = Field(default_factory=InferenceSettings)
+    results: ResultsSettings = Field(default_factory=ResultsSettings)
+    queue: QueueSettings = Field(default_factory=QueueSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+
+    @property
+    def database_url(self) -> str:
+        if self.database.url:
+            return self.database.url
+        return f"sqlite:///{(self.storage.root / 'pacs-node.sqlite3').resolve()}"
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+
+def load_settings(path: Path | None = None) -> Settings:
+    """Settings from `path` (default `config/node.toml` if it exists) and the environment.
+
+    Raises `ConfigurationError` with every problem, each named by its key.
+    """
+    toml_file = path if path is not None else DEFAULT_CONFIG
+    if path is not None and not path.is_file():
+        raise ConfigurationError(f"configuration file {path} does not exist")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(toml_file=toml_file if toml_file.is_file() else None)
+
+    try:
+        return FileSettings()
+    except ValidationError as error:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in item['loc'])}: {item['msg']}"
+            for item in error.errors()
+        )
+        raise ConfigurationError(f"invalid configuration ({toml_file}): {problems}") from error
+    except ValueError as error:  # malformed TOML or JSON in an environment variable
+        raise ConfigurationError(f"invalid configuration ({toml_file}): {error}") from error

@@ -1,0 +1,136 @@
+"""Classify one series: read, decode, preprocess, batch, predict, aggregate.
+
+The same code serves the infer stage and `pacs-node classify`, so the network
+path and the offline path cannot disagree. Slices are decoded on a small
+thread pool one batch ahead of the model, so decoding overlaps the forward
+pass; memory holds at most two batches of pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+
+from models.aggregation import SeriesResult, aggregate
+from models.predictor import SlicePredictor
+from models.preprocessing import tensor_from_dataset
+from pacs_node.errors import PermanentError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class _Decoded:
+    path: Path
+    header: Dataset | None
+    tensor: torch.Tensor | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class SeriesClassification:
+    result: SeriesResult
+    # Headers (no pixel data) of the classified slices; result.evidence indexes them.
+    headers: list[Dataset]
+    # One JSON-able entry per classified slice: SOP Instance UID, instance number, probabilities.
+    slices: list[dict[str, Any]]
+    # Slices that could not be used, with the reason.
+    skipped: list[tuple[str, str]]
+
+    @property
+    def evidence_uids(self) -> list[str]:
+        return [str(self.headers[index].SOPInstanceUID) for index in self.result.evidence]
+
+
+class SeriesClassifier:
+    def __init__(self, predictor: SlicePredictor, batch_size: int, decode_threads: int = 2) -> None:
+        self.predictor = predictor
+        self.batch_size = batch_size
+        self.decode_threads = decode_threads
+
+    def classify(
+        self, paths: Sequence[Path], on_batch: Callable[[], None] = lambda: None
+    ) -> SeriesClassification:
+        """Classify the slices at `paths` (one series, in slice order).
+
+        `on_batch` runs after every batch (the worker renews its lease there).
+        Unreadable slices are skipped and reported; a series with none left
+        is a `PermanentError`.
+        """
+        manifest = self.predictor.manifest
+        headers: list[Dataset] = []
+        rows: list[np.ndarray] = []
+        skipped: list[tuple[str, str]] = []
+        for batch in self._decoded_batches(paths):
+            usable = [item for item in batch if item.tensor is not None and item.header is not None]
+            skipped.extend(
+                (item.path.name, item.error or "unreadable")
+                for item in batch
+                if item.tensor is None
+            )
+            if usable:
+                inputs = torch.stack([item.tensor for item in usable if item.tensor is not None])
+                rows.append(self.predictor.predict(inputs))
+                headers.extend(item.header for item in usable if item.header is not None)
+            on_batch()
+        if not headers:
+            raise PermanentError(f"none of the {len(paths)} slices could be classified")
+        probabilities = np.concatenate(rows)
+        result = aggregate(probabilities, manifest.classes, manifest.aggregation)
+        slices = [
+            {
+                "sop_instance_uid": str(header.SOPInstanceUID),
+                "instance_number": _instance_number(header),
+                "probabilities": dict(zip(manifest.classes, map(float, row), strict=True)),
+            }
+            for header, row in zip(headers, probabilities, strict=True)
+        ]
+        return SeriesClassification(result=result, headers=headers, slices=slices, skipped=skipped)
+
+    def _decoded_batches(self, paths: Sequence[Path]) -> Iterator[list[_Decoded]]:
+        """Yield decoded batches, decoding the next batch while one is in use."""
+        preprocessing = self.predictor.manifest.preprocessing
+        chunks = [
+            paths[start : start + self.batch_size]
+            for start in range(0, len(paths), self.batch_size)
+        ]
+        with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:
+
+            def submit(chunk: Sequence[Path]) -> list[Future[_Decoded]]:
+                return [pool.submit(_decode, path, preprocessing) for path in chunk]
+
+            pending = submit(chunks[0]) if chunks else []
+            for index in range(len(chunks)):
+                current = pending
+                pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []
+                yield [future.result() for future in current]
+
+
+def _decode(path: Path, preprocessing: Any) -> _Decoded:
+    try:
+        dataset = pydicom.dcmread(path)
+        tensor = tensor_from_dataset(dataset, preprocessing)
+    except Exception as error:  # any decoder may fail on damaged pixel data
+        log.warning(
+            "slice skipped",
+            extra={"action": "decode", "reason": f"{type(error).__name__}: {error}"},
+        )
+        return _Decoded(
+            path=path, header=None, tensor=None, error=f"{type(error).__name__}: {error}"
+        )
+    del dataset.PixelData  # keep only the header in memory
+    return _Decoded(path=path, header=dataset, tensor=tensor, error=None)
+
+
+def _instance_number(header: Dataset) -> int | None:
+    value = header.get("InstanceNumber")
+    return None if value is None or value == "" else int(value)

@@ -1,0 +1,107 @@
+"""What a received instance is, and whether it becomes inference work.
+
+Every well-formed instance is stored; only single-frame CT images that are
+not localizers become inference work. The decision and its reason are kept
+with the instance row, so `jobs` and the logs can say why a series was or
+was not classified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pydicom.dataset import Dataset
+
+from pacs_node.config import IntakeSettings
+from pacs_node.errors import BadInstanceError, DatasetMismatchError
+from pacs_node.storage import check_uid
+
+# Image IODs whose instances are invalid without pixel data.
+_IMAGE_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1."
+_NON_IMAGE_SOP_CLASSES = (
+    "1.2.840.10008.5.1.4.1.1.88.",  # structured reports
+    "1.2.840.10008.5.1.4.1.1.11.",  # presentation states
+    "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, segmentation, ...
+    "1.2.840.10008.5.1.4.1.1.104.",  # encapsulated documents
+    "1.2.840.10008.5.1.4.1.1.481.",  # RT objects
+)
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    sop_class_uid: str
+    sop_instance_uid: str
+    study_instance_uid: str
+    series_instance_uid: str
+    modality: str
+    instance_number: int | None
+    images_in_acquisition: int | None
+    classifiable: bool
+    exclusion_reason: str | None
+
+
+def describe(dataset: Dataset, settings: IntakeSettings) -> InstanceInfo:
+    """Identify `dataset` and decide whether it is classified.
+
+    Raises `BadInstanceError` when the instance is unusable as sent (missing
+    or invalid identifying UIDs, an image without pixel data).
+    """
+    sop_class = _required_uid(dataset, "SOPClassUID")
+    sop_instance = _required_uid(dataset, "SOPInstanceUID")
+    study = _required_uid(dataset, "StudyInstanceUID")
+    series = _required_uid(dataset, "SeriesInstanceUID")
+    if _is_image(sop_class) and "PixelData" not in dataset and "FloatPixelData" not in dataset:
+        raise DatasetMismatchError("image instance has no pixel data")
+    modality = str(dataset.get("Modality", "") or "")
+    reason = _exclusion_reason(dataset, sop_class, modality, settings)
+    return InstanceInfo(
+        sop_class_uid=sop_class,
+        sop_instance_uid=sop_instance,
+        study_instance_uid=study,
+        series_instance_uid=series,
+        modality=modality,
+        instance_number=_optional_int(dataset, "InstanceNumber"),
+        images_in_acquisition=_optional_int(dataset, "ImagesInAcquisition"),
+        classifiable=reason is None,
+        exclusion_reason=reason,
+    )
+
+
+def _exclusion_reason(
+    dataset: Dataset, sop_class: str, modality: str, settings: IntakeSettings
+) -> str | None:
+    if modality not in settings.modalities:
+        return f"modality {modality or '(none)'} is not classified"
+    if sop_class not in settings.sop_classes:
+        return f"SOP class {sop_class} is not classified"
+    image_type = [str(value).upper() for value in dataset.get("ImageType", [])]
+    excluded = set(image_type[2:]) & {value.upper() for value in settings.excluded_image_types}
+    if excluded:
+        return f"image type {'/'.join(sorted(excluded))} is not classified"
+    frames = _optional_int(dataset, "NumberOfFrames")
+    if frames is not None and frames > 1:
+        return f"multi-frame image ({frames} frames) is not classified"
+    if "PixelData" not in dataset:
+        return "no integer pixel data"
+    return None
+
+
+def _is_image(sop_class: str) -> bool:
+    return sop_class.startswith(_IMAGE_SOP_CLASS_PREFIX) and not sop_class.startswith(
+        _NON_IMAGE_SOP_CLASSES
+    )
+
+
+def _required_uid(dataset: Dataset, keyword: str) -> str:
+    value = str(dataset.get(keyword, "") or "").strip("\0 ")
+    if not value:
+        raise BadInstanceError(f"{keyword} is missing")
+    return check_uid(value, keyword)
+
+
+def _optional_int(dataset: Dataset, keyword: str) -> int | None:
+    try:
+        value = dataset.get(keyword)
+        return None if value is None or value == "" else int(value)
+    except (TypeError, ValueError):
+        return None

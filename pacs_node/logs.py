@@ -1,0 +1,48 @@
+"""Stdlib logging with structured fields.
+
+Call sites pass fields with `extra={"action": ..., "series_uid": ...}`; the
+formatter appends the known ones as `key=value`, so lines stay greppable.
+Patient names, IDs and birth dates are never among the fields: the code logs
+UIDs, AE titles, job ids and counts only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+FIELDS = (
+    "action",
+    "peer_ae",
+    "peer",
+    "job_id",
+    "series_uid",
+    "sop_uid",
+    "status",
+    "destination",
+    "reason",
+    "count",
+    "seconds",
+)
+
+
+class FieldFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = [f"{name}={getattr(record, name)}" for name in FIELDS if hasattr(record, name)]
+        return " ".join([line, *fields]) if fields else line
+
+
+def configure_logging(level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(FieldFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs every PDU at INFO, and at DEBUG it dumps datasets with
+    # patient identity: keep it at WARNING whatever the node's level is.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    logging.getLogger("apscheduler").setLevel(logging.WARNING)

@@ -1,0 +1,219 @@
+"""`serve`: run the chosen stages in one process until told to stop.
+
+Stages never call each other; they meet in the job store and the storage
+root. In one process the only link is a pair of wake-up events, so a series
+that completes is picked up at once instead of at the next poll. Every
+process also runs the periodic work (series completion sweep, lease reaper):
+both are safe to run from many processes at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+from collections.abc import Callable, Sequence
+
+from apscheduler.schedulers.background import BackgroundScheduler
+
+from models.artifact import ArtifactError, load_artifact
+from models.predictor import SlicePredictor
+from pacs_node import __version__
+from pacs_node.assembler import Assembler
+from pacs_node.config import Settings
+from pacs_node.errors import ConfigurationError, PacsNodeError
+from pacs_node.inference import SeriesClassifier
+from pacs_node.receiver import Receiver
+from pacs_node.report import ReportingNode
+from pacs_node.sender import SendStage
+from pacs_node.stage import Worker
+from pacs_node.storage import Storage
+from pacs_node.store import JobStore
+from pacs_node.worker import InferenceStage
+
+log = logging.getLogger(__name__)
+
+STAGES = ("receive", "infer", "send")
+
+
+def open_store(settings: Settings) -> JobStore:
+    """The job store, migrated if it is the embedded SQLite, else checked."""
+    store = JobStore(settings.database_url)
+    if settings.database_url.startswith("sqlite"):
+        store.upgrade()
+    else:
+        store.check_schema()
+    return store
+
+
+def load_classifier(settings: Settings) -> SeriesClassifier:
+    try:
+        artifact = load_artifact(settings.inference.model)
+    except ArtifactError as error:
+        raise ConfigurationError(f"inference.model: {error}") from error
+    try:
+        predictor = SlicePredictor(artifact, settings.inference.device)
+    except RuntimeError as error:
+        raise ConfigurationError(f"inference.device: {error}") from error
+    return SeriesClassifier(predictor, settings.inference.batch_size)
+
+
+def reporting_node(settings: Settings) -> ReportingNode:
+    return ReportingNode(
+        ae_title=settings.dicom.ae_title,
+        institution_name=settings.results.institution_name or None,
+        station_name=socket.gethostname()[:16] or None,
+    )
+
+
+class Node:
+    def __init__(self, settings: Settings, stages: Sequence[str] = STAGES) -> None:
+        unknown = sorted(set(stages) - set(STAGES))
+        if unknown or not stages:
+            raise ConfigurationError(
+                f"--stages must name some of {', '.join(STAGES)}; got {', '.join(stages) or 'none'}"
+            )
+        self.settings = settings
+        self.stages = tuple(stage for stage in STAGES if stage in stages)
+        self._stopping = threading.Event()
+        self._infer_wake = threading.Event()
+        self._send_wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._scheduler = BackgroundScheduler(timezone="UTC")
+        self.receiver: Receiver | None = None
+        self.store: JobStore | None = None
+
+    def start(self) -> None:
+        """Start everything, or raise `PacsNodeError` having started nothing."""
+        settings = self.settings
+        worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        # Load the model before opening the port: a node that cannot classify
+        # must not accept series it would only queue.
+        classifier = load_classifier(settings) if "infer" in self.stages else None
+        storage = Storage(settings.storage.root, settings.storage.fsync)
+        leftovers = storage.discard_incoming()
+        if leftovers:
+            log.info("removed partial files left by an earlier stop", extra={"count": leftovers})
+        store = self.store = open_store(settings)
+        assembler = Assembler(store, settings.series, settings.inference.max_attempts)
+        self._scheduler.add_job(
+            self._sweep_with(assembler),
+            "interval",
+            seconds=settings.series.sweep_seconds,
+            max_instances=1,
+            coalesce=True,
+            id="assemble",
+        )
+        self._scheduler.add_job(
+            store.reap_expired_leases,
+            "interval",
+            seconds=settings.queue.reap_seconds,
+            max_instances=1,
+            coalesce=True,
+            id="reap",
+        )
+
+        def worker(stage: str) -> Worker:
+            return Worker(
+                worker_id=f"{worker_id}:{stage}",
+                lease_seconds=settings.queue.lease_seconds,
+                retry_base_seconds=settings.results.retry_base_seconds,
+                retry_max_seconds=settings.results.retry_max_seconds,
+            )
+
+        if classifier is not None:
+            infer = InferenceStage(
+                store,
+                worker("infer"),
+                storage,
+                classifier,
+                reporting_node(settings),
+                [destination.key for destination in settings.results.destinations],
+                send_max_attempts=settings.results.max_attempts,
+            )
+            self._add_loop(
+                "infer", infer.run_once, self._infer_wake, after_work=self._send_wake.set
+            )
+        if "send" in self.stages:
+            send = SendStage(
+                store,
+                worker("send"),
+                storage,
+                settings.results.destinations,
+                calling_ae=settings.dicom.ae_title,
+            )
+            self._add_loop("send", send.run_once, self._send_wake)
+        if "receive" in self.stages:
+            self.receiver = Receiver(settings.dicom, settings.intake, storage, store)
+            self.receiver.start()
+        self._scheduler.start()
+        for thread in self._threads:
+            thread.start()
+        model = classifier.predictor.manifest.model_id if classifier else "none"
+        device = str(classifier.predictor.device) if classifier else "none"
+        listening = (
+            f"{settings.dicom.ae_title}@{settings.dicom.bind}:{self.receiver.port}"
+            if self.receiver
+            else "no"
+        )
+        log.info(
+            f"pacs-node {__version__} ready: stages {','.join(self.stages)}; "
+            f"listening {listening}; model {model} on {device}; "
+            f"{len(settings.results.destinations)} destination(s)",
+            extra={"action": "ready"},
+        )
+
+    def stop(self) -> None:
+        """Stop accepting, let running jobs finish their current step, close."""
+        self._stopping.set()
+        self._infer_wake.set()
+        self._send_wake.set()
+        if self.receiver is not None:
+            self.receiver.stop()
+        if self._scheduler.running:
+            self._scheduler.shutdown(wait=True)
+        for thread in self._threads:
+            thread.join()
+        if self.store is not None:
+            self.store.close()
+        log.info("pacs-node stopped", extra={"action": "stop"})
+
+    def _sweep_with(self, assembler: Assembler) -> Callable[[], None]:
+        def sweep() -> None:
+            try:
+                if assembler.sweep():
+                    self._infer_wake.set()
+            except PacsNodeError as error:
+                log.warning(
+                    "series sweep failed", extra={"action": "assemble", "reason": str(error)}
+                )
+
+        return sweep
+
+    def _add_loop(
+        self,
+        name: str,
+        run_once: Callable[[], bool],
+        wake: threading.Event,
+        after_work: Callable[[], None] = lambda: None,
+    ) -> None:
+        poll = self.settings.queue.poll_seconds
+
+        def loop() -> None:
+            while not self._stopping.is_set():
+                # Cleared before looking for work, so a wake-up during it is kept.
+                wake.clear()
+                try:
+                    worked = run_once()
+                except PacsNodeError as error:  # e.g. the database is down: wait, try again
+                    log.warning(
+                        f"{name} stage waiting", extra={"action": name, "reason": str(error)}
+                    )
+                    worked = False
+                if worked:
+                    after_work()
+                else:
+                    wake.wait(poll)
+
+        self._threads.append(threading.Thread(target=loop, name=f"pacs-node-{name}", daemon=True))

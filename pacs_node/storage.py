@@ -1,0 +1,109 @@
+"""The storage root: received instances and written reports, made durable.
+
+Layout under `root`: `instances/<study>/<series>/<sop>.dcm`, `reports/<study>/
+<sop>.dcm`, and `incoming/` for files being written. A file is written to
+`incoming/`, fsynced, renamed into place and its folder fsynced, so a crash
+leaves either the whole file or none of it at its final path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pacs_node.errors import BadInstanceError
+
+# PS3.5 9.1: components of digits without leading zeros, at most 64 characters.
+_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
+
+
+def check_uid(value: str, name: str) -> str:
+    """Return `value` if it is a valid UID; it then cannot escape a folder."""
+    if len(value) > 64 or not _UID.match(value):
+        raise BadInstanceError(f"{name} is not a valid UID")
+    return value
+
+
+@dataclass(frozen=True)
+class WrittenFile:
+    relative_path: str
+    size: int
+    sha256: str
+
+
+class Storage:
+    def __init__(self, root: Path, fsync: bool = True) -> None:
+        self.root = root.resolve()
+        self.fsync = fsync
+        self.incoming = self.root / "incoming"
+        self.incoming.mkdir(parents=True, exist_ok=True)
+        # Restrict new files and folders to the service user.
+        self.root.chmod(0o700)
+
+    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
+        check_uid(study_uid, "StudyInstanceUID")
+        check_uid(series_uid, "SeriesInstanceUID")
+        check_uid(sop_uid, "SOPInstanceUID")
+        return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
+
+    def report_path(self, study_uid: str, sop_uid: str) -> str:
+        check_uid(study_uid, "StudyInstanceUID")
+        check_uid(sop_uid, "SOPInstanceUID")
+        return f"reports/{study_uid}/{sop_uid}.dcm"
+
+    def absolute(self, relative_path: str) -> Path:
+        return self.root / relative_path
+
+    def write(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> WrittenFile:
+        """Write `chunks` durably at `relative_path`, replacing any older file."""
+        final = self.root / relative_path
+        temporary = self.incoming / f"{uuid.uuid4().hex}.part"
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with temporary.open("wb") as stream:
+                os.fchmod(stream.fileno(), 0o600)
+                for chunk in chunks:
+                    stream.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                stream.flush()
+                if self.fsync:
+                    os.fsync(stream.fileno())
+            self._make_folders(final.parent)
+            temporary.replace(final)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_folder(final.parent)
+        return WrittenFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+
+    def _make_folders(self, folder: Path) -> None:
+        """Create `folder` and its missing parents, syncing each new entry."""
+        if folder.is_dir():
+            return
+        self._make_folders(folder.parent)
+        folder.mkdir(mode=0o700, exist_ok=True)
+        if self.fsync:
+            _fsync_folder(folder.parent)
+
+    def discard_incoming(self) -> int:
+        """Remove partial files left by a crash; returns how many."""
+        leftovers = list(self.incoming.glob("*.part"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
+
+
+def _fsync_folder(folder: Path) -> None:
+    descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)

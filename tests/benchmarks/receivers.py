@@ -1,0 +1,180 @@
+"""Receivers under test for the ingest benchmarks, each a real process.
+
+Each receiver is started, measured (wall time of one storescu run, CPU
+seconds and peak RSS of the receiver process from /proc) and stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.peers import dcmtk_environment, free_port, tool
+from tests.polling import wait_for
+from tests.processes import NodeProcess, echo
+
+
+@dataclass(frozen=True)
+class Measurement:
+    receiver: str
+    seconds: float
+    images: int
+    megabytes: float
+    cpu_seconds: float
+    peak_rss_mb: float
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds
+
+    @property
+    def megabytes_per_second(self) -> float:
+        return self.megabytes / self.seconds
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    # utime + stime + children's, fields 14-17 of /proc/PID/stat (1-based).
+    return sum(int(value) for value in fields[11:15]) / ticks
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class Receiver(ABC):
+    """A receiver process: start it, send to it, read its costs, stop it."""
+
+    name = ""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        self.port = free_port()
+        self.ae_title = "BENCH"
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @abstractmethod
+    def start(self) -> None: ...
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(timeout=60)
+            self.process = None
+
+    def _spawn(self, command: list[str], environment: dict[str, str] | None = None) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.process = subprocess.Popen(
+            command,
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            cwd=self.workdir,
+        )
+        wait_for(lambda: echo(self.port, self.ae_title), 60, f"{self.name} to answer C-ECHO")
+
+
+class DcmtkStoreSCP(Receiver):
+    name = "dcmtk storescp"
+
+    def start(self) -> None:
+        self._spawn(
+            [
+                tool("storescp"),
+                "--aetitle",
+                self.ae_title,
+                "--output-directory",
+                str(self.workdir),
+                str(self.port),
+            ],
+            dcmtk_environment(),
+        )
+
+
+class PynetdicomStoreSCP(Receiver):
+    name = "pynetdicom storescp"
+
+    def start(self) -> None:
+        self._spawn(
+            [
+                sys.executable,
+                "-m",
+                "pynetdicom",
+                "storescp",
+                "-aet",
+                self.ae_title,
+                "-od",
+                str(self.workdir),
+                str(self.port),
+            ]
+        )
+
+
+class PacsNodeReceive(Receiver):
+    name = "pacs-node receive"
+
+    def __init__(self, workdir: Path, model: Path) -> None:
+        super().__init__(workdir)
+        self.node = NodeProcess(workdir / "var", model, port=self.port, stages="receive")
+        self.ae_title = "PACSNODE"
+
+    def start(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.node.start()
+
+    @property
+    def pid(self) -> int:
+        return self.node.pid
+
+    def stop(self) -> None:
+        self.node.stop()
+
+
+def send(receiver: Receiver, files: list[Path], associations: int = 1) -> Measurement:
+    """storescu all `files` to `receiver` over `associations` parallel associations."""
+    groups = [files[index::associations] for index in range(associations)]
+    cpu_before = cpu_seconds(receiver.pid)
+    started = time.perf_counter()
+    senders = [
+        subprocess.Popen(
+            [
+                tool("storescu"),
+                "-aec",
+                receiver.ae_title,
+                "127.0.0.1",
+                str(receiver.port),
+                *map(str, group),
+            ],
+            env=dcmtk_environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        for group in groups
+    ]
+    for sender in senders:
+        _, errors = sender.communicate(timeout=600)
+        if sender.returncode != 0:
+            raise RuntimeError(f"storescu to {receiver.name} failed: {errors.decode()[-500:]}")
+    seconds = time.perf_counter() - started
+    return Measurement(
+        receiver=receiver.name,
+        seconds=seconds,
+        images=len(files),
+        megabytes=sum(path.stat().st_size for path in files) / 1e6,
+        cpu_seconds=cpu_seconds(receiver.pid) - cpu_before,
+        peak_rss_mb=peak_rss_mb(receiver.pid),
+    )

@@ -1,0 +1,75 @@
+"""Test data made on the spot: tiny model artifacts and DICOM variations of real slices."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pydicom
+import torch
+from pydicom.dataset import Dataset
+from pydicom.uid import UID, generate_uid
+
+from models.artifact import Aggregation, save_artifact
+from models.network import build_mobilenet_v2
+from models.preprocessing import Preprocessing
+
+CLASSES = ["benign", "malignant", "normal"]
+
+
+def tiny_artifact(folder: Path, seed: int = 0, version: str = "0.0.1-test") -> Path:
+    """A randomly initialised MobileNetV2 artifact with a small input size."""
+    torch.manual_seed(seed)
+    network = build_mobilenet_v2(len(CLASSES))
+    save_artifact(
+        folder,
+        network,
+        name="test-model",
+        version=version,
+        classes=CLASSES,
+        preprocessing=Preprocessing(window_center=-600, window_width=1200, input_size=64),
+        aggregation=Aggregation(negative_class="normal", fraction=0.1),
+    )
+    return folder
+
+
+def renamed_series(
+    source: Path, target: Path, count: int | None = None, suffix: str = ""
+) -> list[Path]:
+    """Copies of a real series under new Study/Series/SOP UIDs (a new patient visit)."""
+    target.mkdir(parents=True, exist_ok=True)
+    study, series = generate_uid(), generate_uid()
+    files = sorted(source.glob("*.dcm"))[:count]
+    written = []
+    for path in files:
+        dataset = pydicom.dcmread(path)
+        dataset.StudyInstanceUID = study
+        dataset.SeriesInstanceUID = series
+        dataset.SOPInstanceUID = generate_uid()
+        dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+        out = target / f"{path.stem}{suffix}.dcm"
+        dataset.save_as(out, enforce_file_format=True)
+        written.append(out)
+    return written
+
+
+def variant(source: Path, target: Path, **changes: object) -> Path:
+    """A copy of one real slice with new UIDs and the given attributes changed (None deletes)."""
+    dataset: Dataset = pydicom.dcmread(source)
+    dataset.StudyInstanceUID = generate_uid()
+    dataset.SeriesInstanceUID = generate_uid()
+    dataset.SOPInstanceUID = generate_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(dataset, keyword)
+        else:
+            setattr(dataset, keyword, value)
+    if "SOPClassUID" in changes and changes["SOPClassUID"] is not None:
+        dataset.file_meta.MediaStorageSOPClassUID = UID(str(changes["SOPClassUID"]))
+    dataset.save_as(target, enforce_file_format=True)
+    return target
+
+
+def series_uid(files: Sequence[Path]) -> str:
+    return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)

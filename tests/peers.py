@@ -1,0 +1,56 @@
+"""Outside programs the tests use as real peers, and how to find them.
+
+A missing peer skips the test on a developer's machine but fails it under
+CI (`CI=true`): there, a missing peer means the test setup is broken.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CHEST_CT = SHARED_DATA / "chest-ct-30"
+
+
+def under_ci() -> bool:
+    return os.environ.get("CI", "").lower() == "true"
+
+
+def missing(what: str) -> None:
+    """Skip, or fail under CI, because `what` is not available."""
+    message = f"{what} is not available"
+    if under_ci():
+        pytest.fail(f"{message} (CI=true: peers must be installed by `make test`)")
+    pytest.skip(message)
+
+
+def tool(name: str) -> str:
+    """The absolute path of an outside program."""
+    found = shutil.which(name)
+    if found is None:
+        missing(f"program {name!r}")
+        raise AssertionError  # unreachable: missing() raises
+    return found
+
+
+def chest_ct() -> Path:
+    if not CHEST_CT.is_dir():
+        missing(f"shared data folder {CHEST_CT}")
+    return CHEST_CT
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def dcmtk_environment() -> dict[str, str]:
+    """DCMTK stalls ~40 ms per image without TCP_NODELAY."""
+    return {**os.environ, "TCP_NODELAY": "1"}

@@ -1,0 +1,235 @@
+"""Real processes the end-to-end tests run: the node itself and DCMTK's storescp."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from types import TracebackType
+
+from typing_extensions import Self
+
+from tests.peers import REPO, dcmtk_environment, free_port, tool
+from tests.polling import wait_for
+
+
+class NodeProcess:
+    """`pacs-node serve` in a subprocess, with its log lines collected."""
+
+    def __init__(
+        self,
+        storage_root: Path,
+        model: Path,
+        *,
+        destinations: Sequence[tuple[str, int]] = (),
+        port: int | None = None,
+        stages: str | None = None,
+        settings: dict[str, str] | None = None,
+    ) -> None:
+        self.port = port or free_port()
+        self.storage_root = storage_root
+        self.environment = {
+            **os.environ,
+            "PACS_NODE_DICOM__PORT": str(self.port),
+            "PACS_NODE_DICOM__BIND": "127.0.0.1",
+            "PACS_NODE_STORAGE__ROOT": str(storage_root),
+            "PACS_NODE_INFERENCE__MODEL": str(model),
+            "PACS_NODE_INFERENCE__DEVICE": "cpu",
+            "PACS_NODE_SERIES__QUIET_SECONDS": "2",
+            "PACS_NODE_QUEUE__POLL_SECONDS": "0.2",
+            "PACS_NODE_RESULTS__RETRY_BASE_SECONDS": "0.5",
+            "PACS_NODE_RESULTS__RETRY_MAX_SECONDS": "2",
+            "PACS_NODE_RESULTS__DESTINATIONS": json.dumps(
+                [{"ae_title": ae, "host": "127.0.0.1", "port": p} for ae, p in destinations]
+            ),
+            **(settings or {}),
+        }
+        self.stages = stages
+        self.lines: list[str] = []
+        self._process: subprocess.Popen[str] | None = None
+
+    def command(self, *arguments: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "pacs_node.cli",
+            "--config",
+            str(REPO / "config/node.toml"),
+            *arguments,
+        ]
+
+    def start(self, timeout: float = 60.0) -> NodeProcess:
+        arguments = ["serve"] + (["--stages", self.stages] if self.stages else [])
+        self._process = subprocess.Popen(
+            self.command(*arguments),
+            env=self.environment,
+            cwd=self.storage_root.parent,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        threading.Thread(target=self._collect, args=(self._process,), daemon=True).start()
+        wait_for(
+            lambda: self.has_logged(" ready: ") or self._exited(), timeout, "the node's ready line"
+        )
+        if self._exited():
+            raise AssertionError(f"pacs-node exited with {self._process.returncode}:\n{self.log}")
+        return self
+
+    def run(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Another `pacs-node` command with the same settings (jobs, classify, db)."""
+        completed = subprocess.run(
+            self.command(*arguments),
+            env=self.environment,
+            cwd=self.storage_root.parent,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if check and completed.returncode != 0:
+            raise AssertionError(f"pacs-node {' '.join(arguments)} failed:\n{completed.stderr}")
+        return completed
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
+        if self._process is None:
+            return 0
+        self._process.send_signal(sig)
+        code = self._process.wait(timeout=60)
+        self._process = None
+        return code
+
+    @property
+    def pid(self) -> int:
+        if self._process is None:
+            raise RuntimeError("the node is not running")
+        return self._process.pid
+
+    def has_logged(self, text: str) -> bool:
+        return any(text in line for line in list(self.lines))
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def _exited(self) -> bool:
+        return self._process is not None and self._process.poll() is not None
+
+    def _collect(self, process: subprocess.Popen[str]) -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            self.lines.append(line.rstrip("\n"))
+
+    def __enter__(self) -> NodeProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        if self._process is not None:
+            self.stop()
+
+
+class ServerProcess(ABC):
+    """A peer server run for one test: started, used as a context manager, stopped."""
+
+    def __init__(self) -> None:
+        self._process: subprocess.Popen[bytes] | None = None
+
+    @abstractmethod
+    def start(self) -> Self: ...
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.send_signal(signal.SIGTERM)
+            self._process.wait(timeout=30)
+            self._process = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class StoreSCP(ServerProcess):
+    """DCMTK's storescp as a destination PACS, writing what it receives to a folder."""
+
+    def __init__(self, folder: Path, ae_title: str = "DEST") -> None:
+        self.folder = folder
+        self.ae_title = ae_title
+        self.port = free_port()
+        super().__init__()
+
+    def start(self) -> StoreSCP:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._process = subprocess.Popen(
+            [
+                tool("storescp"),
+                "--aetitle",
+                self.ae_title,
+                "--output-directory",
+                str(self.folder),
+                "--accept-all",
+                str(self.port),
+            ],
+            env=dcmtk_environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        wait_for(lambda: echo(self.port, self.ae_title), 20, "storescp to answer C-ECHO")
+        return self
+
+    def received(self) -> list[Path]:
+        return sorted(self.folder.glob("*"))
+
+
+def echo(port: int, ae_title: str) -> bool:
+    completed = subprocess.run(
+        [tool("echoscu"), "-aec", ae_title, "127.0.0.1", str(port)],
+        env=dcmtk_environment(),
+        capture_output=True,
+        timeout=20,
+    )
+    return completed.returncode == 0
+
+
+def storescu(
+    port: int,
+    called_ae: str,
+    files: Sequence[Path],
+    calling_ae: str = "STORESCU",
+    extra: Sequence[str] = (),
+) -> subprocess.CompletedProcess[str]:
+    """Send `files` with DCMTK's storescu; returns its result (output at verbose level)."""
+    return subprocess.run(
+        [
+            tool("storescu"),
+            "-v",
+            "-aet",
+            calling_ae,
+            "-aec",
+            called_ae,
+            *extra,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        env=dcmtk_environment(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )

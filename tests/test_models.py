@@ -1,0 +1,99 @@
+"""models/: the series rule, the VOI window, artifacts and the predictor."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+
+from models.aggregation import aggregate
+from models.artifact import Aggregation, ArtifactError, load_artifact
+from models.network import build_mobilenet_v2
+from models.predictor import SlicePredictor
+from models.preprocessing import Preprocessing, hounsfield_units, tensor_from_dataset, window
+from tests.dicom_data import tiny_artifact
+from tests.peers import chest_ct
+
+CLASSES = ("benign", "malignant", "normal")
+
+
+def test_series_rule_keeps_the_least_normal_slices_as_evidence() -> None:
+    slices = np.array([[0.0, 0.0, 1.0]] * 18 + [[0.1, 0.8, 0.1], [0.2, 0.7, 0.1]], dtype=np.float64)
+    result = aggregate(slices, CLASSES, Aggregation(negative_class="normal", fraction=0.1))
+    # ceil(0.1 * 20) = 2 evidence slices: the two abnormal ones, not drowned by 18 normal ones.
+    assert set(result.evidence) == {18, 19}
+    assert result.label == "malignant"
+    assert result.probabilities == pytest.approx((0.15, 0.75, 0.1))
+
+
+def test_series_rule_without_negative_class_averages_everything() -> None:
+    slices = np.array([[0.6, 0.3, 0.1], [0.2, 0.3, 0.5]])
+    result = aggregate(slices, CLASSES, Aggregation(negative_class=None))
+    assert result.label == "benign"
+    assert result.evidence == (0, 1)
+    assert result.probabilities == pytest.approx((0.4, 0.3, 0.3))
+
+
+def test_series_rule_refuses_an_empty_series() -> None:
+    with pytest.raises(ValueError, match="at least one slice"):
+        aggregate(np.zeros((0, 3)), CLASSES, Aggregation(negative_class="normal"))
+
+
+def test_window_follows_the_dicom_linear_voi_function() -> None:
+    # PS3.3 C.11.2.1.2.1 with c=40, w=400: x <= c-0.5-(w-1)/2 -> 0, x > c-0.5+(w-1)/2 -> 1.
+    values = np.array([-160.0, -159.0, 39.5, 239.0, 240.0], dtype=np.float32)
+    assert window(values, 40, 400) == pytest.approx([0.0, 1 / 399, 0.5, 1.0, 1.0], abs=1e-6)
+
+
+def test_real_slice_is_converted_to_hounsfield_units() -> None:
+    dataset = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    hounsfield = hounsfield_units(dataset)
+    assert hounsfield.dtype == np.float32
+    assert hounsfield.min() >= -1024 - 1e-3
+    # Air outside the body is close to -1000 HU.
+    assert np.median(hounsfield[:20, :20]) < -900
+    tensor = tensor_from_dataset(dataset, Preprocessing(window_center=-600, window_width=1200))
+    assert tensor.shape == (3, 224, 224)
+
+
+def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
+    folder = tiny_artifact(tmp_path / "model")
+    artifact = load_artifact(folder)
+    assert artifact.manifest.classes == CLASSES
+    predictor = SlicePredictor(artifact, "cpu")
+    probabilities = predictor.predict(torch.zeros(2, 3, 64, 64))
+    assert probabilities.shape == (2, 3)
+    assert probabilities.sum(axis=1) == pytest.approx([1.0, 1.0])
+
+
+def test_tampered_artifacts_are_refused_with_the_reason(tmp_path: Path) -> None:
+    folder = tiny_artifact(tmp_path / "model")
+    manifest_path = folder / "manifest.json"
+    document = json.loads(manifest_path.read_text())
+
+    document["classes"] = ["a", "b", "c"]
+    manifest_path.write_text(json.dumps(document))
+    with pytest.raises(ArtifactError, match="fails its hash check"):
+        load_artifact(folder)
+
+    del document["preprocessing"]
+    manifest_path.write_text(json.dumps(document))
+    with pytest.raises(ArtifactError, match=r"lacks required key.*preprocessing"):
+        load_artifact(folder)
+
+    manifest_path.unlink()
+    with pytest.raises(ArtifactError, match=r"has no manifest\.json"):
+        load_artifact(folder)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        load_artifact(tmp_path / "nowhere")
+
+
+def test_head_is_a_new_linear_layer() -> None:
+    network = build_mobilenet_v2(3)
+    head = network.classifier[-1]  # type: ignore[index]
+    assert isinstance(head, torch.nn.Linear)
+    assert (head.in_features, head.out_features) == (1280, 3)

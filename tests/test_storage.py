@@ -1,0 +1,61 @@
+"""Durable writes and the storage layout."""
+
+from __future__ import annotations
+
+import hashlib
+import stat
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pacs_node.errors import BadInstanceError
+from pacs_node.storage import Storage, check_uid
+
+
+def test_write_is_atomic_private_and_hashed(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "root")
+    relative = storage.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
+    written = storage.write(relative, [b"abc", memoryview(b"def")])
+    path = storage.absolute(relative)
+    assert path.read_bytes() == b"abcdef"
+    assert written.size == 6
+    assert written.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(storage.root.stat().st_mode) == 0o700
+    assert not list(storage.incoming.iterdir())
+
+
+def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "root")
+    relative = storage.instance_path("1.2", "1.2.3", "1.2.3.4")
+
+    def chunks() -> Iterator[bytes]:
+        yield b"partial"
+        raise OSError("disk went away")
+
+    with pytest.raises(OSError, match="disk went away"):
+        storage.write(relative, chunks())
+    assert not storage.absolute(relative).exists()
+    assert not list(storage.incoming.iterdir())
+
+
+def test_partial_files_from_a_crash_are_discarded(tmp_path: Path) -> None:
+    storage = Storage(tmp_path / "root")
+    (storage.incoming / "dead.part").write_bytes(b"x")
+    assert storage.discard_incoming() == 1
+    assert not list(storage.incoming.iterdir())
+
+
+@pytest.mark.parametrize(
+    "uid",
+    ["", "../../etc/passwd", "1.2.3/4", "1.02.3", "1..2", "1.2.", "a.b", "1." + "2" * 64, "1.2 "],
+)
+def test_invalid_uids_cannot_name_a_file(uid: str) -> None:
+    with pytest.raises(BadInstanceError, match="not a valid UID"):
+        check_uid(uid, "SOPInstanceUID")
+
+
+def test_valid_uids_pass() -> None:
+    assert check_uid("1.2.840.10008.5.1.4.1.1.2", "SOPClassUID") == "1.2.840.10008.5.1.4.1.1.2"
+    assert check_uid("0.1.0", "X") == "0.1.0"
