@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.artifact import Aggregation
+from models.manifest import Aggregation
 
 
 @dataclass(frozen=True)

@@ -9,9 +9,8 @@ changed file or a hand-edited manifest is refused at load time.
 
 from __future__ import annotations
 
-import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,69 +19,29 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from models.network import build_mobilenet_v2
-from models.preprocessing import Preprocessing
-
-MANIFEST_NAME = "manifest.json"
-WEIGHTS_NAME = "weights.safetensors"
-FORMAT_VERSION = 1
-REQUIRED_KEYS = (
-    "format_version",
-    "name",
-    "version",
-    "architecture",
-    "classes",
-    "preprocessing",
-    "aggregation",
-    "weights_file",
-    "content_hash",
+from models.manifest import (
+    FORMAT_VERSION,
+    MANIFEST_NAME,
+    REQUIRED_KEYS,
+    WEIGHTS_NAME,
+    Aggregation,
+    ArtifactError,
+    Manifest,
+    Preprocessing,
+    content_hash,
+    manifest_from_document,
 )
-SUPPORTED_ARCHITECTURES = ("mobilenet_v2",)
+from models.network import build_mobilenet_v2
 
-
-class ArtifactError(ValueError):
-    """A model artifact is missing, malformed or does not match its hash."""
-
-
-@dataclass(frozen=True)
-class Aggregation:
-    """How slice probabilities become one series result (see README).
-
-    The `fraction` of slices that look least like `negative_class` are the
-    evidence; the series probabilities are the mean of their slice
-    probabilities and the series class is the most probable class of that
-    mean. Without a negative class, every slice is evidence.
-    """
-
-    negative_class: str | None
-    fraction: float = 0.1
-
-    def __post_init__(self) -> None:
-        if not 0.0 < self.fraction <= 1.0:
-            raise ValueError(f"aggregation.fraction must be in (0, 1], got {self.fraction}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"negative_class": self.negative_class, "fraction": self.fraction}
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """The validated content of `manifest.json`."""
-
-    name: str
-    version: str
-    architecture: str
-    classes: tuple[str, ...]
-    preprocessing: Preprocessing
-    aggregation: Aggregation
-    content_hash: str
-    # Everything else in the manifest: training data, recipe, metrics, codes.
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def model_id(self) -> str:
-        """Name and version, as written into reports and logs."""
-        return f"{self.name} {self.version}"
+# Re-exported: callers that save or load artifacts find the manifest types here too.
+__all__ = [
+    "Aggregation",
+    "Artifact",
+    "ArtifactError",
+    "Manifest",
+    "load_artifact",
+    "save_artifact",
+]
 
 
 @dataclass(frozen=True)
@@ -129,15 +88,7 @@ def save_artifact(
     )
     document["content_hash"] = content_hash(document, weights_path.read_bytes())
     (folder / MANIFEST_NAME).write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    return _manifest_from_document(document)
-
-
-def content_hash(document: dict[str, Any], weights: bytes) -> str:
-    """sha256 over the weights and the canonical JSON of the other manifest keys."""
-    digest = hashlib.sha256(weights)
-    rest = {key: value for key, value in document.items() if key != "content_hash"}
-    digest.update(json.dumps(rest, sort_keys=True, separators=(",", ":")).encode())
-    return "sha256:" + digest.hexdigest()
+    return manifest_from_document(document)
 
 
 def load_artifact(folder: Path) -> Artifact:
@@ -171,7 +122,7 @@ def load_artifact(folder: Path) -> Artifact:
             f"model artifact {folder} fails its hash check: manifest says "
             f"{document['content_hash']}, content is {expected}"
         )
-    manifest = _manifest_from_document(document)
+    manifest = manifest_from_document(document)
     try:
         state_dict = load_file(str(weights_path))
     except SafetensorError as error:
@@ -184,35 +135,3 @@ def load_artifact(folder: Path) -> Artifact:
             f"model weights {weights_path} do not fit the network: {error}"
         ) from error
     return artifact
-
-
-def _manifest_from_document(document: dict[str, Any]) -> Manifest:
-    try:
-        classes = tuple(str(name) for name in document["classes"])
-        if len(classes) < 2 or len(set(classes)) != len(classes):
-            raise ValueError(f"classes must be at least 2 distinct names, got {list(classes)}")
-        if document["architecture"] not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(f"architecture {document['architecture']!r} is not supported")
-        aggregation_values = document["aggregation"]
-        aggregation = Aggregation(
-            negative_class=aggregation_values.get("negative_class"),
-            fraction=float(aggregation_values.get("fraction", 0.1)),
-        )
-        if aggregation.negative_class is not None and aggregation.negative_class not in classes:
-            raise ValueError(
-                f"aggregation.negative_class {aggregation.negative_class!r} is not a class"
-            )
-        preprocessing = Preprocessing.from_dict(document["preprocessing"])
-    except (KeyError, TypeError, ValueError) as error:
-        raise ArtifactError(f"invalid manifest: {error}") from error
-    details = {key: value for key, value in document.items() if key not in REQUIRED_KEYS}
-    return Manifest(
-        name=str(document["name"]),
-        version=str(document["version"]),
-        architecture=str(document["architecture"]),
-        classes=classes,
-        preprocessing=preprocessing,
-        aggregation=aggregation,
-        content_hash=str(document["content_hash"]),
-        details=details,
-    )

@@ -9,59 +9,26 @@ both kinds of input meet the same resize and normalisation code.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
-
 import numpy as np
 import torch
 import torch.nn.functional as functional
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from models.manifest import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """The parameters of the pipeline, as recorded in a model's manifest."""
-
-    window_center: float
-    window_width: float
-    input_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-
-    def __post_init__(self) -> None:
-        if self.window_width < 1:
-            raise ValueError(f"window_width must be >= 1, got {self.window_width}")
-        if self.input_size < 32:
-            raise ValueError(f"input_size must be >= 32, got {self.input_size}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "window_center": self.window_center,
-            "window_width": self.window_width,
-            "input_size": self.input_size,
-            "mean": list(self.mean),
-            "std": list(self.std),
-        }
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> Preprocessing:
-        return cls(
-            window_center=float(values["window_center"]),
-            window_width=float(values["window_width"]),
-            input_size=int(values["input_size"]),
-            mean=_triple(values["mean"], "mean"),
-            std=_triple(values["std"], "std"),
-        )
-
-
-def _triple(values: Any, name: str) -> tuple[float, float, float]:
-    if len(values) != 3:
-        raise ValueError(f"preprocessing.{name} must have 3 values, got {values!r}")
-    return (float(values[0]), float(values[1]), float(values[2]))
+# Re-exported: the parameters live with the manifest, the pipeline here.
+__all__ = [
+    "IMAGENET_MEAN",
+    "IMAGENET_STD",
+    "Preprocessing",
+    "hounsfield_units",
+    "tensor_from_dataset",
+    "tensor_from_hounsfield",
+    "tensor_from_unit",
+    "unit_from_8bit",
+    "window",
+]
 
 
 def hounsfield_units(dataset: Dataset) -> np.ndarray:

@@ -20,10 +20,10 @@ from pydicom.errors import InvalidDicomError
 
 from pacs_node.config import Settings
 from pacs_node.errors import BadInstanceError, ConfigurationError, PermanentError
-from pacs_node.inference import SeriesClassification
+from pacs_node.inference import SeriesClassification, load_classifier
 from pacs_node.intake import describe
 from pacs_node.report import build_report
-from pacs_node.service import load_classifier, reporting_node
+from pacs_node.service import reporting_node
 
 
 @dataclass(frozen=True)

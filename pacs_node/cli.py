@@ -14,7 +14,6 @@ from types import FrameType
 from typing import Any
 
 from pacs_node import __version__
-from pacs_node.classify import run_classify
 from pacs_node.config import DEFAULT_CONFIG, Settings, load_settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.logs import configure_logging
@@ -92,6 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings, [stage.strip() for stage in arguments.stages.split(",") if stage.strip()]
             )
         if arguments.command == "classify":
+            # Imported on demand: it loads torch, which the other commands never need.
+            from pacs_node.classify import run_classify
+
             return run_classify(settings, arguments.paths, arguments.sr, arguments.json)
         if arguments.command == "jobs":
             return _jobs(settings, arguments)

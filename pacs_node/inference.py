@@ -21,9 +21,11 @@ import torch
 from pydicom.dataset import Dataset
 
 from models.aggregation import SeriesResult, aggregate
+from models.artifact import ArtifactError, load_artifact
 from models.predictor import SlicePredictor
 from models.preprocessing import tensor_from_dataset
-from pacs_node.errors import PermanentError
+from pacs_node.config import Settings
+from pacs_node.errors import ConfigurationError, PermanentError
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +115,19 @@ class SeriesClassifier:
                 current = pending
                 pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []
                 yield [future.result() for future in current]
+
+
+def load_classifier(settings: Settings) -> SeriesClassifier:
+    """The configured model artifact, verified, on the configured device."""
+    try:
+        artifact = load_artifact(settings.inference.model)
+    except ArtifactError as error:
+        raise ConfigurationError(f"inference.model: {error}") from error
+    try:
+        predictor = SlicePredictor(artifact, settings.inference.device)
+    except RuntimeError as error:
+        raise ConfigurationError(f"inference.device: {error}") from error
+    return SeriesClassifier(predictor, settings.inference.batch_size)
 
 
 def _decode(path: Path, preprocessing: Any) -> _Decoded:

@@ -83,7 +83,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from pydicom.valuerep import DA, DT, TM
 
 from models.aggregation import SeriesResult
-from models.artifact import Manifest
+from models.manifest import Manifest
 from pacs_node import __version__
 from pacs_node.errors import PermanentError
 

@@ -17,20 +17,16 @@ from collections.abc import Callable, Sequence
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from models.artifact import ArtifactError, load_artifact
-from models.predictor import SlicePredictor
 from pacs_node import __version__
 from pacs_node.assembler import Assembler
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
-from pacs_node.inference import SeriesClassifier
 from pacs_node.receiver import Receiver
 from pacs_node.report import ReportingNode
 from pacs_node.sender import SendStage
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore
-from pacs_node.worker import InferenceStage
 
 log = logging.getLogger(__name__)
 
@@ -45,18 +41,6 @@ def open_store(settings: Settings) -> JobStore:
     else:
         store.check_schema()
     return store
-
-
-def load_classifier(settings: Settings) -> SeriesClassifier:
-    try:
-        artifact = load_artifact(settings.inference.model)
-    except ArtifactError as error:
-        raise ConfigurationError(f"inference.model: {error}") from error
-    try:
-        predictor = SlicePredictor(artifact, settings.inference.device)
-    except RuntimeError as error:
-        raise ConfigurationError(f"inference.device: {error}") from error
-    return SeriesClassifier(predictor, settings.inference.batch_size)
 
 
 def reporting_node(settings: Settings) -> ReportingNode:
@@ -89,8 +73,15 @@ class Node:
         settings = self.settings
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # Load the model before opening the port: a node that cannot classify
-        # must not accept series it would only queue.
-        classifier = load_classifier(settings) if "infer" in self.stages else None
+        # must not accept series it would only queue. Imported here because
+        # torch costs ~1 GB of memory and seconds of start-up, which receive-
+        # and send-only processes never need.
+        classifier = None
+        if "infer" in self.stages:
+            from pacs_node.inference import load_classifier
+            from pacs_node.worker import InferenceStage
+
+            classifier = load_classifier(settings)
         storage = Storage(settings.storage.root, settings.storage.fsync)
         leftovers = storage.discard_incoming()
         if leftovers:

@@ -16,7 +16,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
 from pydicom.uid import Comprehensive3DSRStorage
 
-from models.artifact import Manifest
+from models.manifest import Manifest
 from pacs_node.errors import PermanentError
 from pacs_node.inference import SeriesClassification, SeriesClassifier
 from pacs_node.report import PredecessorReport, ReportingNode, build_report
