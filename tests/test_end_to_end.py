@@ -69,6 +69,10 @@ def test_series_from_storescu_comes_back_as_one_valid_sr(tmp_path: Path, tiny_mo
         assert len(done) == 1
         offline = classify_json(node, tmp_path / "series")
 
+    # Patient identity never reaches the log at INFO (the node's default level).
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for identifier in (str(source.PatientName), str(source.PatientID)):
+        assert identifier and identifier not in node.log
     assert report.StudyInstanceUID == pydicom.dcmread(files[0]).StudyInstanceUID
     summary = read_report(report)
     assert summary.source_series_uid == series_uid(files)
