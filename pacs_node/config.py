@@ -64,6 +64,8 @@ class StorageSettings(Section):
     root: Path = Path("var")
     # fsync every received file and its folder before acknowledging it.
     fsync: bool = True
+    # Below this much free space, C-STOREs are refused with 0xA700 until it recovers.
+    min_free_mb: int = Field(default=2048, ge=0)
 
 
 class DatabaseSettings(Section):
@@ -126,6 +128,8 @@ class QueueSettings(Section):
     lease_seconds: float = Field(default=300.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     reap_seconds: float = Field(default=30.0, gt=0)
+    # Above this many queued or running jobs, C-STOREs are refused with 0xA700.
+    max_depth: int = Field(default=1000, ge=1)
 
 
 class LoggingSettings(Section):

@@ -82,15 +82,12 @@ class Receiver:
         intake: IntakeSettings,
         storage: Storage,
         store: JobStore,
-        on_instance: Callable[[], None] = lambda: None,
         admit: Callable[[], str | None] = lambda: None,
     ) -> None:
         self.dicom = dicom
         self.intake = intake
         self.storage = storage
         self.store = store
-        # Called after each stored instance (wakes the assembler early).
-        self.on_instance = on_instance
         # Returns a reason to refuse new data (back-pressure), or None.
         self.admit = admit
         self._server: ThreadedAssociationServer | None = None
@@ -252,7 +249,6 @@ class Receiver:
                 CANNOT_UNDERSTAND, f"cannot decode data set: {type(error).__name__}", peer_ae
             )
         self._count(event, info.series_instance_uid, outcome, info.exclusion_reason, peer_ae)
-        self.on_instance()
         return SUCCESS, ""
 
     def _refuse(self, status: int, reason: str, peer_ae: str) -> tuple[int, str]:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_node import __version__
+from pacs_node.admission import Admission
 from pacs_node.assembler import Assembler
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
@@ -136,7 +137,15 @@ class Node:
             )
             self._add_loop("send", send.run_once, self._send_wake)
         if "receive" in self.stages:
-            self.receiver = Receiver(settings.dicom, settings.intake, storage, store)
+            admission = Admission(
+                storage.root,
+                settings.storage.min_free_mb * 2**20,
+                store.queue_depth,
+                settings.queue.max_depth,
+            )
+            self.receiver = Receiver(
+                settings.dicom, settings.intake, storage, store, admit=admission.refusal
+            )
             self.receiver.start()
         self._scheduler.start()
         for thread in self._threads:
