@@ -78,9 +78,10 @@ def _begin_sqlite_transaction(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def insert_ignoring_conflicts(session: Session, entity: type[Base]) -> Insert:
+def insert_ignoring_conflicts(bind: Session | Connection, entity: type[Base]) -> Insert:
     """INSERT ... ON CONFLICT DO NOTHING, the race-free way to create a row once."""
-    if session.get_bind().dialect.name == "postgresql":
+    dialect = bind.dialect if isinstance(bind, Connection) else bind.get_bind().dialect
+    if dialect.name == "postgresql":
         return postgresql.insert(entity).on_conflict_do_nothing()
     return sqlite.insert(entity).on_conflict_do_nothing()
 

@@ -1,9 +1,10 @@
 """Recording a received instance and keeping its series row up to date.
 
-Runs inside the caller's write transaction. Rows are created with INSERT ...
-ON CONFLICT DO NOTHING and counters change with `count = count + n`, so
-receiver threads (or processes) recording the same series at once neither
-collide nor lose an update.
+This is the receive path's only database work, once per C-STORE, so it runs
+on a Core connection (no ORM unit of work) with at most three statements.
+Rows are created with INSERT ... ON CONFLICT DO NOTHING and counters change
+with `count = count + n`, so receiver threads (or processes) recording the
+same series at once neither collide nor lose an update.
 """
 
 from __future__ import annotations
@@ -11,24 +12,24 @@ from __future__ import annotations
 from dataclasses import asdict
 from datetime import datetime
 
-from sqlalchemy import case, literal, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy import Connection, case, literal, select, update
 
 from pacs_node.store.database import insert_ignoring_conflicts
 from pacs_node.store.records import InstanceOutcome, NewInstance, SeriesState
 from pacs_node.store.schema import InstanceRow, SeriesRow, UTCDateTime
 
 
-def record_instance(session: Session, instance: NewInstance) -> InstanceOutcome:
-    _create_series(session, instance)
-    inserted = session.execute(
-        insert_ignoring_conflicts(session, InstanceRow)
-        .values(**asdict(instance))
+def record_instance(connection: Connection, instance: NewInstance) -> InstanceOutcome:
+    values = asdict(instance)
+    _create_series(connection, instance)
+    inserted = connection.execute(
+        insert_ignoring_conflicts(connection, InstanceRow)
+        .values(values)
         .returning(InstanceRow.sop_instance_uid)
     ).first()
     if inserted is not None:
         _add_to_series(
-            session,
+            connection,
             instance.series_instance_uid,
             1,
             int(instance.classifiable),
@@ -36,35 +37,38 @@ def record_instance(session: Session, instance: NewInstance) -> InstanceOutcome:
         )
         return InstanceOutcome.NEW
 
-    existing = session.scalars(
-        select(InstanceRow)
+    existing = connection.execute(
+        select(InstanceRow.sha256, InstanceRow.series_instance_uid, InstanceRow.classifiable)
         .where(InstanceRow.sop_instance_uid == instance.sop_instance_uid)
         .with_for_update()
     ).one()
     if existing.sha256 == instance.sha256:
         return InstanceOutcome.IDENTICAL
 
+    connection.execute(
+        update(InstanceRow)
+        .where(InstanceRow.sop_instance_uid == instance.sop_instance_uid)
+        .values(values)
+    )
     old_series, old_classifiable = existing.series_instance_uid, int(existing.classifiable)
-    for name, value in asdict(instance).items():
-        setattr(existing, name, value)
     new_classifiable = int(instance.classifiable)
     if old_series == instance.series_instance_uid:
         _add_to_series(
-            session, old_series, 0, new_classifiable - old_classifiable, instance.received_at
+            connection, old_series, 0, new_classifiable - old_classifiable, instance.received_at
         )
     else:
         # The series it left changed as well: reopen it so it is reported again.
-        _add_to_series(session, old_series, -1, -old_classifiable, None)
+        _add_to_series(connection, old_series, -1, -old_classifiable, None)
         _add_to_series(
-            session, instance.series_instance_uid, 1, new_classifiable, instance.received_at
+            connection, instance.series_instance_uid, 1, new_classifiable, instance.received_at
         )
     return InstanceOutcome.CHANGED
 
 
-def _create_series(session: Session, instance: NewInstance) -> None:
+def _create_series(connection: Connection, instance: NewInstance) -> None:
     """Create an empty open series row unless it exists; counts come from _add_to_series."""
-    session.execute(
-        insert_ignoring_conflicts(session, SeriesRow).values(
+    connection.execute(
+        insert_ignoring_conflicts(connection, SeriesRow).values(
             series_instance_uid=instance.series_instance_uid,
             study_instance_uid=instance.study_instance_uid,
             calling_ae=instance.calling_ae,
@@ -79,7 +83,7 @@ def _create_series(session: Session, instance: NewInstance) -> None:
 
 
 def _add_to_series(
-    session: Session,
+    connection: Connection,
     series_instance_uid: str,
     instances: int,
     classifiable: int,
@@ -100,9 +104,6 @@ def _add_to_series(
             (SeriesRow.last_received_at < received, received),
             else_=SeriesRow.last_received_at,
         )
-    session.execute(
-        update(SeriesRow)
-        .where(SeriesRow.series_instance_uid == series_instance_uid)
-        .values(values)
-        .execution_options(synchronize_session=False)
+    connection.execute(
+        update(SeriesRow).where(SeriesRow.series_instance_uid == series_instance_uid).values(values)
     )

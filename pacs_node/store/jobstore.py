@@ -77,8 +77,8 @@ class JobStore:
 
     def record_instance(self, instance: NewInstance) -> InstanceOutcome:
         """Store an instance row and update its series; see InstanceOutcome for repeats."""
-        with self._transaction(write=True) as session:
-            return ingest.record_instance(session, instance)
+        with translated_errors(), self._writer.begin() as connection:
+            return ingest.record_instance(connection, instance)
 
     # assembly
 
