@@ -211,11 +211,13 @@ class Receiver:
             request_instance = str(request.AffectedSOPInstanceUID)
             if (info.sop_class_uid, info.sop_instance_uid) != (request_class, request_instance):
                 raise DatasetMismatchError("SOP class/instance UID differ from the request")
-            relative = self.storage.instance_path(
-                info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid
+            written = self.storage.write_instance(
+                info.study_instance_uid,
+                info.series_instance_uid,
+                info.sop_instance_uid,
+                _file_chunks(event),
             )
-            written = self.storage.write(relative, _file_chunks(event))
-            outcome = self.store.record_instance(
+            recorded = self.store.record_instance(
                 NewInstance(
                     sop_instance_uid=info.sop_instance_uid,
                     sop_class_uid=info.sop_class_uid,
@@ -239,7 +241,7 @@ class Receiver:
         except BadInstanceError as error:
             return self._refuse(CANNOT_UNDERSTAND, str(error), peer_ae)
         except StoreUnavailableError as error:
-            return self._refuse(OUT_OF_RESOURCES, f"job store unavailable: {error}", peer_ae)
+            return self._refuse(OUT_OF_RESOURCES, str(error), peer_ae)
         except OSError as error:
             return self._refuse(
                 OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}", peer_ae
@@ -248,7 +250,12 @@ class Receiver:
             return self._refuse(
                 CANNOT_UNDERSTAND, f"cannot decode data set: {type(error).__name__}", peer_ae
             )
-        self._count(event, info.series_instance_uid, outcome, info.exclusion_reason, peer_ae)
+        if recorded.replaced_path is not None:
+            # Committed: no row refers to the replaced object's file any more.
+            self.storage.remove(recorded.replaced_path)
+        self._count(
+            event, info.series_instance_uid, recorded.outcome, info.exclusion_reason, peer_ae
+        )
         return SUCCESS, ""
 
     def _refuse(self, status: int, reason: str, peer_ae: str) -> tuple[int, str]:

@@ -11,13 +11,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_node.errors import BadInstanceError
 
+# A write takes seconds; a .part file this old has no live writer.
+STALE_PART_SECONDS = 3600.0
 # PS3.5 9.1: components of digits without leading zeros, at most 64 characters.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -45,12 +48,6 @@ class Storage:
         # Restrict new files and folders to the service user.
         self.root.chmod(0o700)
 
-    def instance_path(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
-        check_uid(study_uid, "StudyInstanceUID")
-        check_uid(series_uid, "SeriesInstanceUID")
-        check_uid(sop_uid, "SOPInstanceUID")
-        return f"instances/{study_uid}/{series_uid}/{sop_uid}.dcm"
-
     def report_path(self, study_uid: str, sop_uid: str) -> str:
         check_uid(study_uid, "StudyInstanceUID")
         check_uid(sop_uid, "SOPInstanceUID")
@@ -59,9 +56,34 @@ class Storage:
     def absolute(self, relative_path: str) -> Path:
         return self.root / relative_path
 
+    def write_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes | memoryview]
+    ) -> WrittenFile:
+        """Write a received instance durably under a name that includes its content hash.
+
+        An identical re-send lands on the same name; a different object under
+        the same SOP Instance UID gets a new name, so the acknowledged file stays
+        intact until the store has committed the replacement.
+        """
+        folder = (
+            f"instances/{check_uid(study_uid, 'StudyInstanceUID')}/"
+            f"{check_uid(series_uid, 'SeriesInstanceUID')}"
+        )
+        check_uid(sop_uid, "SOPInstanceUID")
+        return self._write(lambda digest: f"{folder}/{sop_uid}.{digest[:16]}.dcm", chunks)
+
     def write(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> WrittenFile:
         """Write `chunks` durably at `relative_path`, replacing any older file."""
-        final = self.root / relative_path
+        return self._write(lambda digest: relative_path, chunks)
+
+    def remove(self, relative_path: str) -> None:
+        """Delete a file no row refers to any more (a replaced instance)."""
+        (self.root / relative_path).unlink(missing_ok=True)
+
+    def _write(
+        self, name: Callable[[str], str], chunks: Iterable[bytes | memoryview]
+    ) -> WrittenFile:
+        """Write to incoming/, fsync, rename to `name(sha256)`, fsync its folder."""
         temporary = self.incoming / f"{uuid.uuid4().hex}.part"
         digest = hashlib.sha256()
         size = 0
@@ -75,6 +97,8 @@ class Storage:
                 stream.flush()
                 if self.fsync:
                     os.fsync(stream.fileno())
+            relative_path = name(digest.hexdigest())
+            final = self.root / relative_path
             self._make_folders(final.parent)
             temporary.replace(final)
         except BaseException:
@@ -93,12 +117,22 @@ class Storage:
         if self.fsync:
             _fsync_folder(folder.parent)
 
-    def discard_incoming(self) -> int:
-        """Remove partial files left by a crash; returns how many."""
-        leftovers = list(self.incoming.glob("*.part"))
-        for path in leftovers:
-            path.unlink(missing_ok=True)
-        return len(leftovers)
+    def discard_incoming(self, older_than_seconds: float = STALE_PART_SECONDS) -> int:
+        """Remove partial files left by a crash; returns how many.
+
+        Only files untouched for a while: other processes sharing this storage
+        root (scale-out) may be writing theirs right now.
+        """
+        cutoff = time.time() - older_than_seconds
+        removed = 0
+        for path in self.incoming.glob("*.part"):
+            try:
+                if path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue  # its writer finished (renamed) or gave up meanwhile
+        return removed
 
 
 def _fsync_folder(folder: Path) -> None:

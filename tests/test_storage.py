@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from pacs_node.errors import BadInstanceError
-from pacs_node.storage import Storage, check_uid
+from pacs_node.storage import STALE_PART_SECONDS, Storage, check_uid
 
 
 def test_write_is_atomic_private_and_hashed(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "root")
-    relative = storage.instance_path("1.2.3", "1.2.3.4", "1.2.3.4.5")
-    written = storage.write(relative, [b"abc", memoryview(b"def")])
-    path = storage.absolute(relative)
+    written = storage.write_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"abc", memoryview(b"def")])
+    digest = hashlib.sha256(b"abcdef").hexdigest()
+    assert written.relative_path == f"instances/1.2.3/1.2.3.4/1.2.3.4.5.{digest[:16]}.dcm"
+    path = storage.absolute(written.relative_path)
     assert path.read_bytes() == b"abcdef"
     assert written.size == 6
     assert written.sha256 == hashlib.sha256(b"abcdef").hexdigest()
@@ -28,7 +31,7 @@ def test_write_is_atomic_private_and_hashed(tmp_path: Path) -> None:
 
 def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "root")
-    relative = storage.instance_path("1.2", "1.2.3", "1.2.3.4")
+    relative = "instances/1.2/1.2.3/1.2.3.4.dcm"
 
     def chunks() -> Iterator[bytes]:
         yield b"partial"
@@ -40,11 +43,17 @@ def test_failed_write_leaves_nothing(tmp_path: Path) -> None:
     assert not list(storage.incoming.iterdir())
 
 
-def test_partial_files_from_a_crash_are_discarded(tmp_path: Path) -> None:
+def test_only_stale_partial_files_are_discarded(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "root")
-    (storage.incoming / "dead.part").write_bytes(b"x")
+    stale = storage.incoming / "dead.part"
+    stale.write_bytes(b"x")
+    old = time.time() - STALE_PART_SECONDS - 60
+    os.utime(stale, (old, old))
+    # A file another process is writing right now must survive.
+    live = storage.incoming / "live.part"
+    live.write_bytes(b"y")
     assert storage.discard_incoming() == 1
-    assert not list(storage.incoming.iterdir())
+    assert list(storage.incoming.iterdir()) == [live]
 
 
 @pytest.mark.parametrize(

@@ -216,7 +216,7 @@ def test_locked_sqlite_database_is_store_unavailable(tmp_path: Path) -> None:
         with pytest.raises(StoreUnavailableError, match="locked"):
             store.record_instance(instance(1, 1))
         holder.execute("ROLLBACK")
-        assert store.record_instance(instance(1, 1)) is InstanceOutcome.NEW
+        assert store.record_instance(instance(1, 1)).outcome is InstanceOutcome.NEW
     finally:
         holder.close()
         store.close()
@@ -238,10 +238,10 @@ def test_unknown_backend_is_a_configuration_error() -> None:
 
 
 def test_duplicate_instance_is_identical_and_changes_nothing(store: JobStore) -> None:
-    assert store.record_instance(instance(1, 1)) is InstanceOutcome.NEW
+    assert store.record_instance(instance(1, 1)).outcome is InstanceOutcome.NEW
     before = store.get_series(series_uid(1))
     later = T0 + timedelta(minutes=5)
-    assert store.record_instance(instance(1, 1, at=later)) is InstanceOutcome.IDENTICAL
+    assert store.record_instance(instance(1, 1, at=later)).outcome is InstanceOutcome.IDENTICAL
     assert store.get_series(series_uid(1)) == before
     assert before is not None and before.instance_count == 1
     (stored,) = store.series_instances(series_uid(1))
@@ -256,7 +256,7 @@ def test_changed_instance_updates_its_row_and_reopens_the_series(store: JobStore
 
     later = T0 + timedelta(minutes=5)
     changed = instance(1, 1, sha256="c" * 64, at=later, classifiable=False)
-    assert store.record_instance(changed) is InstanceOutcome.CHANGED
+    assert store.record_instance(changed).outcome is InstanceOutcome.CHANGED
 
     series = store.get_series(series_uid(1))
     assert series is not None
@@ -282,7 +282,7 @@ def test_instance_moved_to_another_series_reopens_both(store: JobStore) -> None:
     store.record_instance(instance(1, 2))
     store.complete_ready_series(T0 + timedelta(seconds=QUIET), QUIET)
     moved = instance(2, 1, sop="2.25.77", sha256="d" * 64)
-    assert store.record_instance(moved) is InstanceOutcome.CHANGED
+    assert store.record_instance(moved).outcome is InstanceOutcome.CHANGED
     old, new = store.get_series(series_uid(1)), store.get_series(series_uid(2))
     assert old is not None and new is not None
     assert (old.state, old.instance_count, old.classifiable_count) == (SeriesState.OPEN, 1, 1)
@@ -297,7 +297,7 @@ def test_new_instance_reopens_a_skipped_series(store: JobStore) -> None:
     assert store.list_jobs() == []
 
     later = T0 + timedelta(minutes=5)
-    assert store.record_instance(instance(1, 2, at=later)) is InstanceOutcome.NEW
+    assert store.record_instance(instance(1, 2, at=later)).outcome is InstanceOutcome.NEW
     reopened = store.get_series(series_uid(1))
     assert reopened is not None
     assert (reopened.state, reopened.skip_reason) == (SeriesState.OPEN, None)
@@ -312,7 +312,7 @@ def test_concurrent_instances_of_one_new_series(store: JobStore) -> None:
 
     def receive(thread: int) -> list[InstanceOutcome]:
         return [
-            store.record_instance(instance(1, thread * per_thread + k + 1, at=T0))
+            store.record_instance(instance(1, thread * per_thread + k + 1, at=T0)).outcome
             for k in range(per_thread)
         ]
 
@@ -325,7 +325,7 @@ def test_concurrent_instances_of_one_new_series(store: JobStore) -> None:
 
 
 def test_concurrent_copies_of_one_instance_are_new_once(store: JobStore) -> None:
-    outcomes = in_threads(8, lambda _: store.record_instance(instance(1, 1)))
+    outcomes = in_threads(8, lambda _: store.record_instance(instance(1, 1)).outcome)
     assert Counter(outcomes) == {InstanceOutcome.NEW: 1, InstanceOutcome.IDENTICAL: 7}
     series = store.get_series(series_uid(1))
     assert series is not None and series.instance_count == 1

@@ -15,11 +15,11 @@ from datetime import datetime
 from sqlalchemy import Connection, case, literal, select, update
 
 from pacs_node.store.database import insert_ignoring_conflicts
-from pacs_node.store.records import InstanceOutcome, NewInstance, SeriesState
+from pacs_node.store.records import InstanceOutcome, NewInstance, RecordedInstance, SeriesState
 from pacs_node.store.schema import InstanceRow, SeriesRow, UTCDateTime
 
 
-def record_instance(connection: Connection, instance: NewInstance) -> InstanceOutcome:
+def record_instance(connection: Connection, instance: NewInstance) -> RecordedInstance:
     values = asdict(instance)
     _create_series(connection, instance)
     inserted = connection.execute(
@@ -35,15 +35,20 @@ def record_instance(connection: Connection, instance: NewInstance) -> InstanceOu
             int(instance.classifiable),
             instance.received_at,
         )
-        return InstanceOutcome.NEW
+        return RecordedInstance(InstanceOutcome.NEW)
 
     existing = connection.execute(
-        select(InstanceRow.sha256, InstanceRow.series_instance_uid, InstanceRow.classifiable)
+        select(
+            InstanceRow.sha256,
+            InstanceRow.series_instance_uid,
+            InstanceRow.classifiable,
+            InstanceRow.path,
+        )
         .where(InstanceRow.sop_instance_uid == instance.sop_instance_uid)
         .with_for_update()
     ).one()
     if existing.sha256 == instance.sha256:
-        return InstanceOutcome.IDENTICAL
+        return RecordedInstance(InstanceOutcome.IDENTICAL)
 
     connection.execute(
         update(InstanceRow)
@@ -62,7 +67,8 @@ def record_instance(connection: Connection, instance: NewInstance) -> InstanceOu
         _add_to_series(
             connection, instance.series_instance_uid, 1, new_classifiable, instance.received_at
         )
-    return InstanceOutcome.CHANGED
+    replaced = existing.path if existing.path != instance.path else None
+    return RecordedInstance(InstanceOutcome.CHANGED, replaced)
 
 
 def _create_series(connection: Connection, instance: NewInstance) -> None:

@@ -18,13 +18,13 @@ from pacs_node.store import assembly, ingest, jobs, migrate
 from pacs_node.store.database import create_store_engine, translated_errors, writer
 from pacs_node.store.records import (
     Instance,
-    InstanceOutcome,
     Job,
     JobEvent,
     JobKind,
     JobStatus,
     NewInstance,
     NewResult,
+    RecordedInstance,
     Result,
     Series,
 )
@@ -75,7 +75,7 @@ class JobStore:
 
     # receive
 
-    def record_instance(self, instance: NewInstance) -> InstanceOutcome:
+    def record_instance(self, instance: NewInstance) -> RecordedInstance:
         """Store an instance row and update its series; see InstanceOutcome for repeats."""
         with translated_errors(), self._writer.begin() as connection:
             return ingest.record_instance(connection, instance)

@@ -46,6 +46,13 @@ class InstanceOutcome(TextEnum):
 
 
 @dataclass(frozen=True)
+class RecordedInstance:
+    outcome: InstanceOutcome
+    # For CHANGED: the file of the replaced object, which no row refers to any more.
+    replaced_path: str | None = None
+
+
+@dataclass(frozen=True)
 class NewInstance:
     sop_instance_uid: str
     sop_class_uid: str

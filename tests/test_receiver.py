@@ -1,0 +1,95 @@
+"""The receiver in-process, over real loopback associations from pynetdicom."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pydicom
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from pacs_node.config import DicomSettings, IntakeSettings
+from pacs_node.receiver import Receiver
+from pacs_node.storage import Storage
+from pacs_node.store import JobStore
+from tests.dicom_data import renamed_series
+from tests.peers import chest_ct, free_port
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> Iterator[tuple[Receiver, JobStore, Storage]]:
+    storage = Storage(tmp_path / "var")
+    store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db.sqlite3'}")
+    store.upgrade()
+    receiver = Receiver(
+        DicomSettings(port=free_port(), bind="127.0.0.1"), IntakeSettings(), storage, store
+    )
+    receiver.start()
+    yield receiver, store, storage
+    receiver.stop()
+    store.close()
+
+
+def send(port: int, *datasets: Dataset) -> list[int]:
+    ae = AE(ae_title="PYNETDICOM")
+    for dataset in datasets:
+        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
+    association = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
+    assert association.is_established
+    try:
+        return [int(association.send_c_store(dataset).Status) for dataset in datasets]
+    finally:
+        association.release()
+
+
+def stored_files(storage: Storage) -> list[Path]:
+    return sorted((storage.root / "instances").rglob("*.dcm"))
+
+
+def test_a_different_object_under_the_same_uid_replaces_the_old_one(
+    tmp_path: Path, node: tuple[Receiver, JobStore, Storage], caplog: pytest.LogCaptureFixture
+) -> None:
+    receiver, store, storage = node
+    (path,) = renamed_series(chest_ct(), tmp_path / "series", count=1)
+    original = pydicom.dcmread(path)
+    changed = pydicom.dcmread(path)
+    changed.WindowCenter = 123  # same SOP Instance UID, different object
+
+    assert send(receiver.port, original) == [0x0000]
+    (first_file,) = stored_files(storage)
+    first_bytes = first_file.read_bytes()
+    assert send(receiver.port, original) == [0x0000]
+    assert stored_files(storage) == [first_file]
+    assert first_file.read_bytes() == first_bytes
+
+    with caplog.at_level(logging.WARNING, logger="pacs_node.receiver"):
+        assert send(receiver.port, changed) == [0x0000]
+    (second_file,) = stored_files(storage)
+    assert second_file != first_file
+    assert pydicom.dcmread(second_file).WindowCenter == 123
+    (row,) = store.series_instances(str(original.SeriesInstanceUID))
+    assert storage.absolute(row.path) == second_file
+    assert "replaced by a different object" in caplog.text
+
+
+def test_stored_bytes_are_exactly_what_was_sent(
+    tmp_path: Path, node: tuple[Receiver, JobStore, Storage]
+) -> None:
+    receiver, store, storage = node
+    files = renamed_series(chest_ct(), tmp_path / "series", count=3)
+    assert send(receiver.port, *(pydicom.dcmread(path) for path in files)) == [0] * 3
+    for path in files:
+        sent = pydicom.dcmread(path)
+        (row,) = [
+            row
+            for row in store.series_instances(str(sent.SeriesInstanceUID))
+            if row.sop_instance_uid == sent.SOPInstanceUID
+        ]
+        received = storage.absolute(row.path).read_bytes()
+        # The data set is byte-identical to the sender's (after its own file meta).
+        sent_bytes = path.read_bytes()
+        data_set_offset = 132 + 12 + int.from_bytes(sent_bytes[140:144], "little")
+        assert received.endswith(sent_bytes[data_set_offset:])
