@@ -168,9 +168,11 @@ class ServerProcess(ABC):
 class StoreSCP(ServerProcess):
     """DCMTK's storescp as a destination PACS, writing what it receives to a folder."""
 
-    def __init__(self, folder: Path, ae_title: str = "DEST") -> None:
+    def __init__(self, folder: Path, ae_title: str = "DEST", unique_names: bool = False) -> None:
         self.folder = folder
         self.ae_title = ae_title
+        # One file per receipt, so a repeated delivery of the same object shows.
+        self.unique_names = unique_names
         self.port = free_port()
         super().__init__()
 
@@ -184,6 +186,7 @@ class StoreSCP(ServerProcess):
                 "--output-directory",
                 str(self.folder),
                 "--accept-all",
+                *(["--unique-filenames"] if self.unique_names else []),
                 str(self.port),
             ],
             env=dcmtk_environment(),
