@@ -16,6 +16,7 @@ import subprocess
 import tempfile
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,7 +61,7 @@ def _bin_dir() -> Path | None:
     return max(found, key=lambda path: int(path.parent.name), default=None)
 
 
-class _Cluster:
+class Cluster:
     def __init__(self, bin_dir: Path, folder: Path, as_postgres: bool) -> None:
         self.bin_dir = bin_dir
         self.folder = folder
@@ -93,7 +94,7 @@ class _Cluster:
         for _ in range(START_ATTEMPTS):
             port = free_port()
             try:
-                self._start_on(port)
+                self.start_on(port)
             except subprocess.CalledProcessError as exc:
                 # Another process may have taken the port in between; try another.
                 errors.append(exc.stderr)
@@ -101,7 +102,7 @@ class _Cluster:
             return port
         pytest.fail(f"PostgreSQL did not start: {errors[-1]}\n{self.log_tail()}")
 
-    def _start_on(self, port: int) -> None:
+    def start_on(self, port: int) -> None:
         # Durability settings off: a test cluster is thrown away anyway.
         options = (
             f"-c listen_addresses=127.0.0.1 -c port={port} "
@@ -114,6 +115,7 @@ class _Cluster:
         )
 
     def stop(self) -> None:
+        """Stop at once, as a crash or a power cut would."""
         self.run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
 
     def log_tail(self) -> str:
@@ -121,8 +123,9 @@ class _Cluster:
         return log.read_text(errors="replace")[-2000:] if log.exists() else ""
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
+@contextmanager
+def running_cluster() -> Iterator[tuple[Cluster, PostgresServer]]:
+    """A PostgreSQL cluster of its own in a temporary folder, started on a free port."""
     bin_dir = _bin_dir()
     if bin_dir is None:
         missing("PostgreSQL (pg_ctl and initdb on PATH or under /usr/lib/postgresql)")
@@ -137,14 +140,20 @@ def postgres_server() -> Iterator[PostgresServer]:
     folder = Path(tempfile.mkdtemp(prefix="pacs-node-pg-"))
     if account is not None:
         os.chown(folder, account.pw_uid, account.pw_gid)
-    cluster = _Cluster(bin_dir, folder, as_postgres)
+    cluster = Cluster(bin_dir, folder, as_postgres)
     try:
         cluster.init()
         port = cluster.start()
-        yield PostgresServer(host="127.0.0.1", port=port)
+        yield cluster, PostgresServer(host="127.0.0.1", port=port)
         cluster.stop()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    with running_cluster() as (_, server):
+        yield server
 
 
 @pytest.fixture

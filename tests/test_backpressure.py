@@ -6,25 +6,13 @@ import shutil
 from pathlib import Path
 
 import pydicom
-from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 from pacs_node.admission import Admission
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
 from tests.processes import NodeProcess
-
-
-def store_status(port: int, dataset: Dataset) -> int:
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    association = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
-    assert association.is_established
-    try:
-        return int(association.send_c_store(dataset).Status)
-    finally:
-        association.release()
+from tests.scu import store_status
 
 
 def test_low_disk_refuses_until_space_returns(tmp_path: Path) -> None:

@@ -18,13 +18,13 @@ import pydicom
 import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import CTImageStorage, MRImageStorage
-from pynetdicom import AE
 
 from pacs_node.report import read_report
 from tests.dicom_data import renamed_series, series_uid, variant
 from tests.peers import chest_ct, dcmtk_environment, free_port, tool
 from tests.polling import wait_for
 from tests.processes import NodeProcess, StoreSCP, echo, storescu
+from tests.scu import store_status
 
 SR_TIMEOUT = 180.0
 
@@ -189,17 +189,6 @@ def test_compressed_series_over_the_network(tmp_path: Path, tiny_model: Path) ->
     assert report.label == offline["label"]
 
 
-def _store_status(port: int, dataset: Dataset, calling_ae: str = "PYNETDICOM") -> int:
-    ae = AE(ae_title=calling_ae)
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    association = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
-    assert association.is_established
-    try:
-        return int(association.send_c_store(dataset).Status)
-    finally:
-        association.release()
-
-
 def test_bad_input_gets_a_clear_answer_and_the_node_goes_on(
     tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -222,10 +211,10 @@ def test_bad_input_gets_a_clear_answer_and_the_node_goes_on(
         ) as node,
     ):
         # A non-CT instance is stored (Success) but never classified.
-        assert _store_status(node.port, mr) == 0x0000
+        assert store_status(node.port, mr) == 0x0000
         wait_for(lambda: node.has_logged("not classified"), 10, "the log line for the MR instance")
         # A CT image without pixel data contradicts its SOP class.
-        assert _store_status(node.port, no_pixels) == 0xA900
+        assert store_status(node.port, no_pixels) == 0xA900
         assert node.has_logged("image instance has no pixel data")
         # An unknown calling AE is rejected at association time.
         refused = subprocess.run(

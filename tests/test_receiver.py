@@ -8,8 +8,6 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.dataset import Dataset
-from pynetdicom import AE
 
 from pacs_node.config import DicomSettings, IntakeSettings
 from pacs_node.receiver import Receiver
@@ -17,6 +15,7 @@ from pacs_node.storage import Storage
 from pacs_node.store import JobStore
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct, free_port
+from tests.scu import store_statuses
 
 
 @pytest.fixture
@@ -33,18 +32,6 @@ def node(tmp_path: Path) -> Iterator[tuple[Receiver, JobStore, Storage]]:
     store.close()
 
 
-def send(port: int, *datasets: Dataset) -> list[int]:
-    ae = AE(ae_title="PYNETDICOM")
-    for dataset in datasets:
-        ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    association = ae.associate("127.0.0.1", port, ae_title="PACSNODE")
-    assert association.is_established
-    try:
-        return [int(association.send_c_store(dataset).Status) for dataset in datasets]
-    finally:
-        association.release()
-
-
 def stored_files(storage: Storage) -> list[Path]:
     return sorted((storage.root / "instances").rglob("*.dcm"))
 
@@ -58,15 +45,15 @@ def test_a_different_object_under_the_same_uid_replaces_the_old_one(
     changed = pydicom.dcmread(path)
     changed.WindowCenter = 123  # same SOP Instance UID, different object
 
-    assert send(receiver.port, original) == [0x0000]
+    assert store_statuses(receiver.port, original) == [0x0000]
     (first_file,) = stored_files(storage)
     first_bytes = first_file.read_bytes()
-    assert send(receiver.port, original) == [0x0000]
+    assert store_statuses(receiver.port, original) == [0x0000]
     assert stored_files(storage) == [first_file]
     assert first_file.read_bytes() == first_bytes
 
     with caplog.at_level(logging.WARNING, logger="pacs_node.receiver"):
-        assert send(receiver.port, changed) == [0x0000]
+        assert store_statuses(receiver.port, changed) == [0x0000]
     (second_file,) = stored_files(storage)
     assert second_file != first_file
     assert pydicom.dcmread(second_file).WindowCenter == 123
@@ -80,7 +67,7 @@ def test_stored_bytes_are_exactly_what_was_sent(
 ) -> None:
     receiver, store, storage = node
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
-    assert send(receiver.port, *(pydicom.dcmread(path) for path in files)) == [0] * 3
+    assert store_statuses(receiver.port, *(pydicom.dcmread(path) for path in files)) == [0] * 3
     for path in files:
         sent = pydicom.dcmread(path)
         (row,) = [
