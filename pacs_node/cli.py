@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -79,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     arguments = build_parser().parse_args(argv)
+    # Received instances, reports and the database hold patient data: whatever
+    # the node creates is readable by the service user only.
+    os.umask(0o077)
     try:
         settings = load_settings(arguments.config)
     except PacsNodeError as error:

@@ -69,6 +69,10 @@ def test_series_from_storescu_comes_back_as_one_valid_sr(tmp_path: Path, tiny_mo
         assert len(done) == 1
         offline = classify_json(node, tmp_path / "series")
 
+    # Everything the node keeps is private to its user.
+    for kept in [tmp_path / "node", *(tmp_path / "node").rglob("*")]:
+        private = 0o700 if kept.is_dir() else 0o600
+        assert kept.stat().st_mode & 0o777 == private, kept
     # Patient identity never reaches the log at INFO (the node's default level).
     source = pydicom.dcmread(files[0], stop_before_pixels=True)
     for identifier in (str(source.PatientName), str(source.PatientID)):
