@@ -10,17 +10,17 @@ saying why. Handlers never raise into pynetdicom.
 from __future__ import annotations
 
 import logging
+import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, cast
 
-from pydicom import uid
+from pydicom import dcmread, uid
 from pydicom.dataset import Dataset
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.dsutils import encode_file_meta
 from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
@@ -60,6 +60,8 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+# Header values longer than this are left on disk when describing an instance.
+DEFER_BYTES = 4096
 # Larger PDUs mean fewer Python-level PDU round trips per instance.
 MAXIMUM_PDU_BYTES = 4 * 1024 * 1024
 
@@ -95,6 +97,11 @@ class Receiver:
         self._lock = threading.Lock()
 
     def start(self) -> None:
+        # pynetdicom then streams each data set to a file as its fragments
+        # arrive (never whole in memory), in incoming/ on the storage volume,
+        # from where the handler renames it into place without a copy.
+        _config.STORE_RECV_CHUNKED_DATASET = True
+        tempfile.tempdir = str(self.storage.incoming)
         ae = AE(ae_title=self.dicom.ae_title)
         ae.maximum_associations = self.dicom.max_associations
         ae.acse_timeout = self.dicom.acse_timeout_seconds
@@ -204,18 +211,17 @@ class Receiver:
             )
             return OUT_OF_RESOURCES, refusal
         try:
-            dataset = event.dataset
+            received = event.dataset_path
+            # Values over DEFER_BYTES (pixel data) stay on disk: only the header is read.
+            dataset = dcmread(received, defer_size=DEFER_BYTES)
             info = describe(dataset, self.intake)
             request = cast(C_STORE, event.request)
             request_class = str(request.AffectedSOPClassUID)
             request_instance = str(request.AffectedSOPInstanceUID)
             if (info.sop_class_uid, info.sop_instance_uid) != (request_class, request_instance):
                 raise DatasetMismatchError("SOP class/instance UID differ from the request")
-            written = self.storage.write_instance(
-                info.study_instance_uid,
-                info.series_instance_uid,
-                info.sop_instance_uid,
-                _file_chunks(event),
+            written = self.storage.adopt_instance(
+                info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid, received
             )
             recorded = self.store.record_instance(
                 NewInstance(
@@ -304,14 +310,6 @@ class Receiver:
                     "reason": exclusion,
                 },
             )
-
-
-def _file_chunks(event: Event) -> Iterator[bytes | memoryview]:
-    """The received data set as a DICOM file, without copying the data set."""
-    yield b"\x00" * 128 + b"DICM" + encode_file_meta(event.file_meta)
-    data_set = cast(C_STORE, event.request).DataSet
-    if data_set is not None:
-        yield data_set.getbuffer()
 
 
 def _peer_ae(event: Event) -> str:

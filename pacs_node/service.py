@@ -84,9 +84,16 @@ class Node:
 
             classifier = load_classifier(settings)
         storage = Storage(settings.storage.root, settings.storage.fsync)
-        leftovers = storage.discard_incoming()
-        if leftovers:
-            log.info("removed partial files left by an earlier stop", extra={"count": leftovers})
+        # A transfer stalls at most network_timeout between fragments; a file
+        # in incoming/ untouched for much longer has no live writer.
+        stale_seconds = max(300.0, 2 * settings.dicom.network_timeout_seconds)
+
+        def discard_partial_files() -> None:
+            removed = storage.discard_incoming(stale_seconds)
+            if removed:
+                log.info("removed partial files of interrupted transfers", extra={"count": removed})
+
+        discard_partial_files()
         store = self.store = open_store(settings)
         assembler = Assembler(store, settings.series, settings.inference.max_attempts)
         self._scheduler.add_job(
@@ -96,6 +103,9 @@ class Node:
             max_instances=1,
             coalesce=True,
             id="assemble",
+        )
+        self._scheduler.add_job(
+            discard_partial_files, "interval", seconds=60, max_instances=1, coalesce=True
         )
         self._scheduler.add_job(
             store.reap_expired_leases,

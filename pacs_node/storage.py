@@ -19,8 +19,7 @@ from pathlib import Path
 
 from pacs_node.errors import BadInstanceError
 
-# A write takes seconds; a .part file this old has no live writer.
-STALE_PART_SECONDS = 3600.0
+READ_CHUNK_BYTES = 1 << 20
 # PS3.5 9.1: components of digits without leading zeros, at most 64 characters.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -65,16 +64,45 @@ class Storage:
         the same SOP Instance UID gets a new name, so the acknowledged file stays
         intact until the store has committed the replacement.
         """
-        folder = (
-            f"instances/{check_uid(study_uid, 'StudyInstanceUID')}/"
-            f"{check_uid(series_uid, 'SeriesInstanceUID')}"
-        )
+        folder = self._instance_folder(study_uid, series_uid)
         check_uid(sop_uid, "SOPInstanceUID")
         return self._write(lambda digest: f"{folder}/{sop_uid}.{digest[:16]}.dcm", chunks)
+
+    def adopt_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, source: Path
+    ) -> WrittenFile:
+        """Move a received file from incoming/ to its place, durably; see write_instance.
+
+        The network layer streams large data sets straight to a file there, so
+        they are never held whole in memory and never copied.
+        """
+        folder = self._instance_folder(study_uid, series_uid)
+        check_uid(sop_uid, "SOPInstanceUID")
+        digest = hashlib.sha256()
+        size = 0
+        with source.open("rb") as stream:
+            while chunk := stream.read(READ_CHUNK_BYTES):
+                digest.update(chunk)
+                size += len(chunk)
+            if self.fsync:
+                os.fsync(stream.fileno())
+        relative_path = f"{folder}/{sop_uid}.{digest.hexdigest()[:16]}.dcm"
+        final = self.root / relative_path
+        self._make_folders(final.parent)
+        source.replace(final)
+        if self.fsync:
+            _fsync_folder(final.parent)
+        return WrittenFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
 
     def write(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> WrittenFile:
         """Write `chunks` durably at `relative_path`, replacing any older file."""
         return self._write(lambda digest: relative_path, chunks)
+
+    def _instance_folder(self, study_uid: str, series_uid: str) -> str:
+        return (
+            f"instances/{check_uid(study_uid, 'StudyInstanceUID')}/"
+            f"{check_uid(series_uid, 'SeriesInstanceUID')}"
+        )
 
     def remove(self, relative_path: str) -> None:
         """Delete a file no row refers to any more (a replaced instance)."""
@@ -117,15 +145,15 @@ class Storage:
         if self.fsync:
             _fsync_folder(folder.parent)
 
-    def discard_incoming(self, older_than_seconds: float = STALE_PART_SECONDS) -> int:
-        """Remove partial files left by a crash; returns how many.
+    def discard_incoming(self, older_than_seconds: float) -> int:
+        """Remove partial files (a crash, an aborted transfer); returns how many.
 
-        Only files untouched for a while: other processes sharing this storage
-        root (scale-out) may be writing theirs right now.
+        Only files untouched for a while: this and other processes sharing the
+        storage root (scale-out) may be writing theirs right now.
         """
         cutoff = time.time() - older_than_seconds
         removed = 0
-        for path in self.incoming.glob("*.part"):
+        for path in self.incoming.iterdir():
             try:
                 if path.stat().st_mtime < cutoff:
                     path.unlink()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pacs_node.errors import BadInstanceError
-from pacs_node.storage import STALE_PART_SECONDS, Storage, check_uid
+from pacs_node.storage import Storage, check_uid
 
 
 def test_write_is_atomic_private_and_hashed(tmp_path: Path) -> None:
@@ -47,12 +47,12 @@ def test_only_stale_partial_files_are_discarded(tmp_path: Path) -> None:
     storage = Storage(tmp_path / "root")
     stale = storage.incoming / "dead.part"
     stale.write_bytes(b"x")
-    old = time.time() - STALE_PART_SECONDS - 60
+    old = time.time() - 600
     os.utime(stale, (old, old))
     # A file another process is writing right now must survive.
     live = storage.incoming / "live.part"
     live.write_bytes(b"y")
-    assert storage.discard_incoming() == 1
+    assert storage.discard_incoming(older_than_seconds=300) == 1
     assert list(storage.incoming.iterdir()) == [live]
 
 
