@@ -10,7 +10,6 @@ saying why. Handlers never raise into pynetdicom.
 from __future__ import annotations
 
 import logging
-import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,11 +96,11 @@ class Receiver:
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        # pynetdicom then streams each data set to a file as its fragments
-        # arrive (never whole in memory), in incoming/ on the storage volume,
-        # from where the handler renames it into place without a copy.
+        # pynetdicom then streams each data set to a temporary file as its
+        # fragments arrive, so no instance is ever held whole in memory. `serve`
+        # points the temporary folder at incoming/, on the storage volume, from
+        # where the handler renames the file into place without a copy.
         _config.STORE_RECV_CHUNKED_DATASET = True
-        tempfile.tempdir = str(self.storage.incoming)
         ae = AE(ae_title=self.dicom.ae_title)
         ae.maximum_associations = self.dicom.max_associations
         ae.acse_timeout = self.dicom.acse_timeout_seconds

@@ -8,6 +8,7 @@ leaves either the whole file or none of it at its final path.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import re
@@ -89,7 +90,16 @@ class Storage:
         relative_path = f"{folder}/{sop_uid}.{digest.hexdigest()[:16]}.dcm"
         final = self.root / relative_path
         self._make_folders(final.parent)
-        source.replace(final)
+        try:
+            source.replace(final)
+        except OSError as error:
+            if error.errno != errno.EXDEV:
+                raise
+            # The file was written on another volume: copy it, durably.
+            with source.open("rb") as stream:
+                return self.write_instance(
+                    study_uid, series_uid, sop_uid, iter(lambda: stream.read(READ_CHUNK_BYTES), b"")
+                )
         if self.fsync:
             _fsync_folder(final.parent)
         return WrittenFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
