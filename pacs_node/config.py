@@ -125,7 +125,7 @@ class ResultsSettings(Section):
 
 
 class QueueSettings(Section):
-    lease_seconds: float = Field(default=300.0, gt=0)
+    lease_seconds: float = Field(default=60.0, gt=0)
     poll_seconds: float = Field(default=1.0, gt=0)
     reap_seconds: float = Field(default=30.0, gt=0)
     # Above this many queued or running jobs, C-STOREs are refused with 0xA700.

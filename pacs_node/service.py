@@ -28,7 +28,7 @@ from pacs_node.report import ReportingNode
 from pacs_node.sender import SendStage
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
-from pacs_node.store import JobStore
+from pacs_node.store import JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,32 @@ def open_store(settings: Settings) -> JobStore:
     else:
         store.check_schema()
     return store
+
+
+def abandoned_local_workers(store: JobStore) -> list[str]:
+    """Workers on this host, of earlier processes now gone, that still hold jobs.
+
+    Their jobs can go back to the queue at once instead of when the lease
+    expires: after a crash and restart the series is taken up again in seconds.
+    """
+    host = socket.gethostname()
+    gone = set()
+    for job in store.list_jobs(status=JobStatus.RUNNING, limit=10_000):
+        job_host, _, rest = (job.worker_id or "").partition(":")
+        pid = rest.partition(":")[0]
+        if job_host == host and pid.isdigit() and not _process_alive(int(pid)):
+            gone.add(job.worker_id or "")
+    return sorted(gone)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process: alive
+    return True
 
 
 def reporting_node(settings: Settings) -> ReportingNode:
@@ -99,6 +125,9 @@ class Node:
 
         discard_partial_files()
         store = self.store = open_store(settings)
+        released = store.release_abandoned(abandoned_local_workers(store))
+        if released:
+            log.info("requeued jobs of a stopped process", extra={"count": released})
         assembler = Assembler(store, settings.series, settings.inference.max_attempts)
         self._scheduler.add_job(
             self._sweep_with(assembler),

@@ -623,3 +623,15 @@ def test_listing_and_lookups(store: JobStore) -> None:
     assert store.get_series("2.25.404") is None
     assert store.get_result(404) is None
     assert store.queue_depth() == 2
+
+
+def test_jobs_of_a_gone_worker_are_requeued_at_once(store: JobStore) -> None:
+    job_id = claimed_infer_job(store, "host:123:infer", lease=3600)
+    assert store.release_abandoned(["host:999:infer"]) == 0
+    assert store.release_abandoned(["host:123:infer"]) == 1
+    job = store.get_job(job_id)
+    assert job is not None
+    # The attempt stays counted, so a job that kills its worker every time ends up dead.
+    assert (job.status, job.lease_until, job.attempts) == (JobStatus.QUEUED, None, 1)
+    assert events(store, job_id)[-1] == "worker gone"
+    assert store.release_abandoned([]) == 0

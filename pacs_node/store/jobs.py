@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta
 
-from sqlalchemy import select, update
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.orm import Session, aliased
 
 from pacs_node.errors import LeaseLostError, NotFoundError, PermanentError
@@ -132,13 +132,26 @@ def fail(
 
 
 def reap_expired_leases(session: Session, now: datetime) -> int:
-    expired = session.scalars(
+    return _release(session, now, JobRow.lease_until < now, "lease expired")
+
+
+def release_abandoned(session: Session, worker_ids: Sequence[str], now: datetime) -> int:
+    return _release(session, now, JobRow.worker_id.in_(worker_ids), "worker gone")
+
+
+def _release(session: Session, now: datetime, condition: ColumnElement[bool], why: str) -> int:
+    """Return RUNNING jobs matching `condition` to the queue, or make them dead.
+
+    The attempt stays counted: a job that kills its worker every time must
+    end up dead, not loop forever.
+    """
+    released = session.scalars(
         select(JobRow)
-        .where(JobRow.status == JobStatus.RUNNING, JobRow.lease_until < now)
+        .where(JobRow.status == JobStatus.RUNNING, condition)
         .with_for_update(skip_locked=True)
     ).all()
-    for job in expired:
-        job.last_error = f"lease of worker {job.worker_id} expired"
+    for job in released:
+        job.last_error = f"{why}: worker {job.worker_id}"
         job.lease_until = None
         job.updated_at = now
         if job.attempts >= job.max_attempts:
@@ -148,8 +161,8 @@ def reap_expired_leases(session: Session, now: datetime) -> int:
             job.status = JobStatus.QUEUED
             job.run_after = now
             outcome = "queued again"
-        _record(session, job.id, now, "lease expired", f"worker {job.worker_id}; {outcome}")
-    return len(expired)
+        _record(session, job.id, now, why, f"worker {job.worker_id}; {outcome}")
+    return len(released)
 
 
 def retry(session: Session, job_id: int, now: datetime) -> Job:

@@ -122,6 +122,13 @@ class JobStore:
         with self._transaction(write=True) as session:
             return jobs.reap_expired_leases(session, now or _utcnow())
 
+    def release_abandoned(self, worker_ids: Sequence[str]) -> int:
+        """Requeue the running jobs of workers known to be gone (a crashed process)."""
+        if not worker_ids:
+            return 0
+        with self._transaction(write=True) as session:
+            return jobs.release_abandoned(session, worker_ids, _utcnow())
+
     def retry(self, job_id: int) -> Job:
         """Queue a dead (or queued) job now with its attempts reset."""
         with self._transaction(write=True) as session:
