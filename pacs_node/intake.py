@@ -10,12 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 
 from pacs_node.config import IntakeSettings
 from pacs_node.errors import BadInstanceError, DatasetMismatchError
 from pacs_node.storage import check_uid
 
+# Image Pixel module attributes without which pixel data cannot be read (PS3.3 C.7.6.3).
+_IMAGE_PIXEL_TYPE_1 = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
 # Image IODs whose instances are invalid without pixel data.
 _IMAGE_SOP_CLASS_PREFIX = "1.2.840.10008.5.1.4.1.1."
 _NON_IMAGE_SOP_CLASSES = (
@@ -50,8 +53,8 @@ def describe(dataset: Dataset, settings: IntakeSettings) -> InstanceInfo:
     sop_instance = _required_uid(dataset, "SOPInstanceUID")
     study = _required_uid(dataset, "StudyInstanceUID")
     series = _required_uid(dataset, "SeriesInstanceUID")
-    if _is_image(sop_class) and "PixelData" not in dataset and "FloatPixelData" not in dataset:
-        raise DatasetMismatchError("image instance has no pixel data")
+    if _is_image(sop_class):
+        _check_pixel_data(dataset)
     modality = str(dataset.get("Modality", "") or "")
     reason = _exclusion_reason(dataset, sop_class, modality, settings)
     return InstanceInfo(
@@ -84,6 +87,35 @@ def _exclusion_reason(
     if "PixelData" not in dataset:
         return "no integer pixel data"
     return None
+
+
+def _check_pixel_data(dataset: Dataset) -> None:
+    """Refuse an image whose pixel data cannot match its own description."""
+    if "PixelData" not in dataset and "FloatPixelData" not in dataset:
+        raise DatasetMismatchError("image instance has no pixel data")
+    missing = [keyword for keyword in _IMAGE_PIXEL_TYPE_1 if dataset.get(keyword) in (None, "")]
+    if missing:
+        raise DatasetMismatchError(f"image instance lacks {', '.join(missing)}")
+    # keep_deferred: the length comes from the element's header, the value stays on disk.
+    element = dataset.get_item("PixelData", keep_deferred=True)
+    file_meta = getattr(dataset, "file_meta", None)
+    transfer_syntax = file_meta.get("TransferSyntaxUID") if file_meta is not None else None
+    if element is None or transfer_syntax is None or transfer_syntax.is_encapsulated:
+        return
+    frames = _optional_int(dataset, "NumberOfFrames") or 1
+    expected = (
+        int(dataset.Rows)
+        * int(dataset.Columns)
+        * int(dataset.SamplesPerPixel)
+        * frames
+        * int(dataset.BitsAllocated)
+        // 8
+    )
+    actual = element.length if isinstance(element, RawDataElement) else len(element.value or b"")
+    if actual < expected:
+        raise DatasetMismatchError(
+            f"pixel data is {actual} bytes, Rows x Columns x samples x frames needs {expected}"
+        )
 
 
 def _is_image(sop_class: str) -> bool:

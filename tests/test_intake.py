@@ -40,6 +40,8 @@ def test_other_instances_are_stored_but_not_classified(
 ) -> None:
     for keyword, value in changes.items():
         setattr(ct_slice, keyword, value)
+    if "NumberOfFrames" in changes:
+        ct_slice.PixelData = ct_slice.PixelData * int(ct_slice.NumberOfFrames)
     info = describe(ct_slice, IntakeSettings())
     assert not info.classifiable
     assert info.exclusion_reason is not None and reason in info.exclusion_reason
@@ -65,3 +67,21 @@ def test_intake_rules_are_configurable(ct_slice: Dataset) -> None:
     ct_slice.Modality = "PT"
     settings = IntakeSettings(modalities=["CT", "PT"])
     assert describe(ct_slice, settings).classifiable
+
+
+def test_pixel_data_shorter_than_its_description_is_refused(ct_slice: Dataset) -> None:
+    ct_slice.PixelData = ct_slice.PixelData[:-2]
+    with pytest.raises(DatasetMismatchError, match="pixel data is 524286 bytes"):
+        describe(ct_slice, IntakeSettings())
+
+
+def test_pixel_data_longer_than_its_description_is_accepted(ct_slice: Dataset) -> None:
+    ct_slice.PixelData = ct_slice.PixelData + b"\0\0"
+    assert describe(ct_slice, IntakeSettings()).classifiable
+
+
+@pytest.mark.parametrize("keyword", ["Rows", "Columns", "BitsAllocated", "SamplesPerPixel"])
+def test_image_without_its_pixel_description_is_refused(ct_slice: Dataset, keyword: str) -> None:
+    delattr(ct_slice, keyword)
+    with pytest.raises(DatasetMismatchError, match=f"lacks {keyword}"):
+        describe(ct_slice, IntakeSettings())
