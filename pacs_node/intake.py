@@ -17,6 +17,7 @@ from pacs_node.config import IntakeSettings
 from pacs_node.errors import BadInstanceError, DatasetMismatchError
 from pacs_node.storage import check_uid
 
+UNDEFINED_LENGTH = 0xFFFFFFFF
 # Image Pixel module attributes without which pixel data cannot be read (PS3.3 C.7.6.3).
 _IMAGE_PIXEL_TYPE_1 = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
 # Image IODs whose instances are invalid without pixel data.
@@ -68,6 +69,20 @@ def describe(dataset: Dataset, settings: IntakeSettings) -> InstanceInfo:
         classifiable=reason is None,
         exclusion_reason=reason,
     )
+
+
+def check_complete(dataset: Dataset, file_size: int) -> None:
+    """Refuse a data set whose values end beyond its file (a truncated encoding).
+
+    Large values are left on disk when the header is read, so their announced
+    lengths are checked against the file instead of by reading them.
+    """
+    for tag in list(dataset.keys()):
+        element = dataset.get_item(tag, keep_deferred=True)
+        if not isinstance(element, RawDataElement) or element.value is not None:
+            continue  # read already, so complete
+        if element.length != UNDEFINED_LENGTH and element.value_tell + element.length > file_size:
+            raise BadInstanceError(f"data set is truncated in element {element.tag}")
 
 
 def _exclusion_reason(

@@ -31,7 +31,7 @@ from pacs_node.errors import (
     DatasetMismatchError,
     StoreUnavailableError,
 )
-from pacs_node.intake import describe
+from pacs_node.intake import check_complete, describe
 from pacs_node.storage import Storage
 from pacs_node.store import InstanceOutcome, JobStore, NewInstance
 
@@ -116,6 +116,7 @@ class Receiver:
         handlers: list[Any] = [
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_STORE, self._on_store),
+            (evt.EVT_CONN_OPEN, self._on_connection),
             (evt.EVT_ESTABLISHED, self._on_established),
             (evt.EVT_RELEASED, self._on_closed),
             (evt.EVT_ABORTED, self._on_closed),
@@ -144,13 +145,29 @@ class Receiver:
 
     # --- association events -------------------------------------------------
 
+    def _on_connection(self, event: Event) -> None:
+        # pynetdicom reads a PDU's announced length in blocking calls and checks
+        # its own timeouts only between PDUs: without a socket timeout, a peer
+        # that stops in the middle of a PDU would hold a thread forever.
+        transport = event.assoc.dul.socket
+        if transport is not None and transport.socket is not None:
+            transport.socket.settimeout(self.dicom.network_timeout_seconds)
+
     def _on_established(self, event: Event) -> None:
         with self._lock:
             self._tallies[id(event.assoc)] = _AssociationTally()
-        log.info(
-            "association established",
-            extra={"action": "associate", "peer_ae": _peer_ae(event), "peer": _peer(event)},
-        )
+        context = {"peer_ae": _peer_ae(event), "peer": _peer(event)}
+        log.info("association established", extra={"action": "associate", **context})
+        rejected = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
+        if rejected:
+            log.warning(
+                "presentation contexts rejected",
+                extra={
+                    "action": "associate",
+                    "reason": f"abstract syntax not supported: {', '.join(rejected)}",
+                    **context,
+                },
+            )
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
@@ -213,6 +230,7 @@ class Receiver:
             received = event.dataset_path
             # Values over DEFER_BYTES (pixel data) stay on disk: only the header is read.
             dataset = dcmread(received, defer_size=DEFER_BYTES)
+            check_complete(dataset, received.stat().st_size)
             info = describe(dataset, self.intake)
             request = cast(C_STORE, event.request)
             request_class = str(request.AffectedSOPClassUID)
