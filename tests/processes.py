@@ -66,6 +66,8 @@ class NodeProcess:
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
         arguments = ["serve"] + (["--stages", self.stages] if self.stages else [])
+        # Only this run's lines count: after a restart the log holds earlier ones.
+        first_line = len(self.lines)
         self._process = subprocess.Popen(
             self.command(*arguments),
             env=self.environment,
@@ -76,7 +78,9 @@ class NodeProcess:
         )
         threading.Thread(target=self._collect, args=(self._process,), daemon=True).start()
         wait_for(
-            lambda: self.has_logged(" ready: ") or self._exited(), timeout, "the node's ready line"
+            lambda: any(" ready: " in line for line in self.lines[first_line:]) or self._exited(),
+            timeout,
+            "the node's ready line",
         )
         if self._exited():
             raise AssertionError(f"pacs-node exited with {self._process.returncode}:\n{self.log}")
