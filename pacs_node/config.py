@@ -12,13 +12,22 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    IPvAnyNetwork,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
+from sqlalchemy.engine import make_url
 
 from pacs_node.errors import ConfigurationError
 
@@ -41,12 +50,43 @@ def _check_ae_title(value: str) -> str:
     return value.strip()
 
 
+class TlsSettings(Section):
+    """DICOM over TLS (PS3.15 B.1). Off unless a certificate is given."""
+
+    # PEM files: the node's certificate (chain) and its private key.
+    certificate: Path | None = None
+    private_key: Path | None = None
+    # PEM CA certificates that client certificates must chain to.
+    client_ca: Path | None = None
+    require_client_certificate: bool = False
+
+    @model_validator(mode="after")
+    def _complete(self) -> TlsSettings:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("dicom.tls needs both certificate and private_key, or neither")
+        if self.require_client_certificate and self.client_ca is None:
+            raise ValueError("dicom.tls.require_client_certificate needs dicom.tls.client_ca")
+        for name in ("certificate", "private_key", "client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"dicom.tls.{name}: {path} does not exist")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.certificate is not None
+
+
 class DicomSettings(Section):
     ae_title: str = "PACSNODE"
     port: int = Field(default=11112, ge=1, le=65535)
     bind: str = "0.0.0.0"
     # Empty: any calling AE may associate.
     allowed_calling_aes: list[str] = Field(default_factory=list)
+    # Per calling AE, the addresses (IP or CIDR network) it may associate from;
+    # an AE not listed here may associate from anywhere.
+    allowed_addresses: dict[str, list[IPvAnyNetwork]] = Field(default_factory=dict)
+    tls: TlsSettings = Field(default_factory=TlsSettings)
     max_associations: int = Field(default=16, ge=1)
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     dimse_timeout_seconds: float = Field(default=60.0, gt=0)
@@ -71,6 +111,16 @@ class StorageSettings(Section):
 class DatabaseSettings(Section):
     # Empty: a SQLite file under storage.root.
     url: str = ""
+    # A file holding the database password (e.g. a mounted secret), so that
+    # neither the URL in node.toml nor the environment needs to carry it.
+    password_file: Path | None = None
+
+    @field_validator("password_file")
+    @classmethod
+    def _readable(cls, path: Path | None) -> Path | None:
+        if path is not None and not path.is_file():
+            raise ValueError(f"{path} does not exist")
+        return path
 
 
 class IntakeSettings(Section):
@@ -153,9 +203,13 @@ class Settings(BaseSettings):
 
     @property
     def database_url(self) -> str:
-        if self.database.url:
+        if not self.database.url:
+            return f"sqlite:///{(self.storage.root / 'pacs-node.sqlite3').resolve()}"
+        if self.database.password_file is None:
             return self.database.url
-        return f"sqlite:///{(self.storage.root / 'pacs-node.sqlite3').resolve()}"
+        password = self.database.password_file.read_text().strip()
+        url = make_url(self.database.url).set(password=password)
+        return url.render_as_string(hide_password=False)
 
     @classmethod
     def settings_customise_sources(

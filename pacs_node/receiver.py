@@ -9,7 +9,9 @@ saying why. Handlers never raise into pynetdicom.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import ssl
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,7 +26,7 @@ from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
 from pynetdicom.transport import ThreadedAssociationServer
 
-from pacs_node.config import DicomSettings, IntakeSettings
+from pacs_node.config import DicomSettings, IntakeSettings, TlsSettings
 from pacs_node.errors import (
     BadInstanceError,
     ConfigurationError,
@@ -124,7 +126,10 @@ class Receiver:
         ]
         try:
             self._server = ae.start_server(
-                (self.dicom.bind, self.dicom.port), block=False, evt_handlers=handlers
+                (self.dicom.bind, self.dicom.port),
+                block=False,
+                evt_handlers=handlers,
+                ssl_context=tls_context(self.dicom.tls),
             )
         except OSError as error:
             raise ConfigurationError(
@@ -154,9 +159,16 @@ class Receiver:
             transport.socket.settimeout(self.dicom.network_timeout_seconds)
 
     def _on_established(self, event: Event) -> None:
+        context = {"peer_ae": _peer_ae(event), "peer": _peer(event)}
+        if not self._address_allowed(event):
+            log.warning(
+                "association aborted: address not allowed for this calling AE",
+                extra={"action": "reject", "reason": "dicom.allowed_addresses", **context},
+            )
+            event.assoc.abort()
+            return
         with self._lock:
             self._tallies[id(event.assoc)] = _AssociationTally()
-        context = {"peer_ae": _peer_ae(event), "peer": _peer(event)}
         log.info("association established", extra={"action": "associate", **context})
         rejected = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
         if rejected:
@@ -168,6 +180,15 @@ class Receiver:
                     **context,
                 },
             )
+
+    def _address_allowed(self, event: Event) -> bool:
+        # pynetdicom offers no hook between reading the request and answering
+        # it, so an AE calling from the wrong address is aborted right after.
+        networks = self.dicom.allowed_addresses.get(_peer_ae(event))
+        if networks is None:
+            return True
+        address = ipaddress.ip_address(event.assoc.requestor.address)
+        return any(address in network for network in networks)
 
     def _on_closed(self, event: Event) -> None:
         with self._lock:
@@ -327,6 +348,25 @@ class Receiver:
                     "reason": exclusion,
                 },
             )
+
+
+def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
+    """The server side of DICOM TLS, or None when TLS is off."""
+    if settings.certificate is None or settings.private_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    # BCP 195 (PS3.15 B.9): TLS 1.2 or newer.
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.certificate, settings.private_key)
+        if settings.client_ca is not None:
+            context.load_verify_locations(settings.client_ca)
+            context.verify_mode = (
+                ssl.CERT_REQUIRED if settings.require_client_certificate else ssl.CERT_OPTIONAL
+            )
+    except (OSError, ssl.SSLError) as error:
+        raise ConfigurationError(f"dicom.tls: cannot load certificates: {error}") from error
+    return context
 
 
 def _peer_ae(event: Event) -> str:

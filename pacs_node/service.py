@@ -197,6 +197,7 @@ class Node:
         device = str(classifier.predictor.device) if classifier else "none"
         listening = (
             f"{settings.dicom.ae_title}@{settings.dicom.bind}:{self.receiver.port}"
+            + (" (TLS)" if settings.dicom.tls.enabled else "")
             if self.receiver
             else "no"
         )

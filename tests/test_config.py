@@ -47,6 +47,14 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("PACS_NODE_RESULTS__DESTINATIONS", '[{"host":"x","port":1}]', "results.destinations"),
         ("PACS_NODE_RESULTS__DESTINATIONS", "not json", "results"),
         ("PACS_NODE_SERIES__QUIET_SECONDS", "0", "series.quiet_seconds"),
+        ("PACS_NODE_DICOM__TLS__CERTIFICATE", "/no/such.crt", "dicom.tls"),
+        ("PACS_NODE_DICOM__TLS__REQUIRE_CLIENT_CERTIFICATE", "true", "dicom.tls"),
+        (
+            "PACS_NODE_DICOM__ALLOWED_ADDRESSES",
+            '{"CT1": ["not-an-address"]}',
+            "dicom.allowed_addresses",
+        ),
+        ("PACS_NODE_DATABASE__PASSWORD_FILE", "/no/such/file", "database.password_file"),
     ],
 )
 def test_invalid_values_are_refused_by_name(
@@ -66,3 +74,15 @@ def test_unknown_keys_and_missing_files_are_refused(tmp_path: Path) -> None:
         load_settings(config)
     with pytest.raises(ConfigurationError, match="does not exist"):
         load_settings(tmp_path / "missing.toml")
+
+
+def test_the_database_password_can_come_from_a_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("s3cr=t/pw\n")
+    config = tmp_path / "node.toml"
+    config.write_text('[database]\nurl = "postgresql+psycopg://pacs@db.example:5432/pacsnode"\n')
+    monkeypatch.setenv("PACS_NODE_DATABASE__PASSWORD_FILE", str(secret))
+    url = load_settings(config).database_url
+    assert url == "postgresql+psycopg://pacs:s3cr%3Dt%2Fpw@db.example:5432/pacsnode"
