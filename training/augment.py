@@ -2,7 +2,8 @@
 
 Small rotations, scaling and shifts (patients lie a little differently;
 fields of view differ), an optional left-right flip (lesions occur in both
-lungs) and a mild contrast change (exports used different windows).
+lungs) a mild contrast change and a raised black level (exports used different
+windows: a narrower one turns more soft tissue black).
 No colour, blur or elastic changes: they have no counterpart in CT. The
 geometry is applied with the background held at black (air), not at the
 normalised zero.
@@ -17,6 +18,24 @@ import torch.nn.functional as functional
 
 from models.preprocessing import Preprocessing
 from training.recipe import Recipe
+
+
+def raise_black_level(
+    unit: torch.Tensor, jitter: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Turn the darkest non-black grey levels black, as a narrower export window would.
+
+    Each image's lowest non-black level (above 0.05) is raised by up to `jitter`
+    (half the images are left alone); pixels below the new level become black.
+    """
+    count = unit.shape[0]
+    if jitter <= 0:
+        return unit
+    visible = torch.where(unit > 0.05, unit, torch.ones_like(unit))
+    floor = visible.amin(dim=(1, 2, 3), keepdim=True)
+    raise_by = jitter * torch.rand(count, 1, 1, 1, generator=generator)
+    raise_by = raise_by * (torch.rand(count, 1, 1, 1, generator=generator) < 0.5)
+    return torch.where(unit < floor + raise_by, torch.zeros_like(unit), unit)
 
 
 def augment_batch(
@@ -49,6 +68,7 @@ def augment_batch(
     grid = functional.affine_grid(theta, list(unit.shape), align_corners=False)
     # Zero padding in [0, 1] space is black, the value of air in every window.
     moved = functional.grid_sample(unit, grid, align_corners=False, padding_mode="zeros")
+    moved = raise_black_level(moved, recipe.threshold_jitter, generator)
     # Contrast only, no additive brightness: black (air, lung) stays black, as
     # in every export.
     contrast = uniform(1.0 - recipe.intensity, 1.0 + recipe.intensity).view(count, 1, 1, 1)

@@ -19,7 +19,7 @@ from training.card import render_card
 from training.checkpoints import load_checkpoint
 from training.cv import PROTOCOLS, CvResult, cross_validate, markdown_table
 from training.datasets import DataError
-from training.evaluate import BUNDLED_MODEL, evaluate_artifact
+from training.evaluate import BUNDLED_MODEL, evaluate_artifact, predict_series
 from training.export import ARTIFACT_NAME, IQ_OTHNCCD_CITATION, export_artifact
 from training.fit import FitOptions, FitResult, fit
 from training.init import InitError
@@ -35,7 +35,8 @@ RECIPE_HELP = {
     "batch_size": "slices per batch",
     "head_epochs": "phase 1 epochs: head only, features frozen (skipped with --init random)",
     "head_lr": "phase 1 peak learning rate",
-    "epochs": "phase 2 epochs: the whole network",
+    "train_blocks": "phase 2 trains only the last N of the 19 feature blocks (0: all)",
+    "epochs": "phase 2 epochs: the whole network (or its last --train-blocks)",
     "lr": "phase 2 peak learning rate",
     "optimizer": "adamw or sgd",
     "weight_decay": "decoupled (AdamW) or L2 (SGD) weight decay",
@@ -49,7 +50,8 @@ RECIPE_HELP = {
     "scale_range": "augmentation: maximum relative zoom",
     "translate": "augmentation: maximum shift (fraction of the image)",
     "flip": "augmentation: random left-right flip",
-    "intensity": "augmentation: maximum contrast/brightness change",
+    "intensity": "augmentation: maximum relative contrast change",
+    "threshold_jitter": "augmentation: maximum raise of the black level (narrower window)",
     "patience": "early stopping: phase 2 epochs without a better validation macro-F1",
     "seed": "random seed (data split, augmentation, initialisation)",
 }
@@ -180,6 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     fit_parser.add_argument("--version", default="1.0.0", help="artifact version (semver)")
     fit_parser.add_argument(
+        "--init-note",
+        default=None,
+        help="provenance of --init PATH, written into the manifest and the model card",
+    )
+    fit_parser.add_argument(
         "--plots",
         type=Path,
         default=None,
@@ -237,6 +244,30 @@ def build_parser() -> argparse.ArgumentParser:
     export_parser.add_argument("--output", type=Path, required=True, help="artifact folder")
     export_parser.add_argument("--name", default=ARTIFACT_NAME, help="artifact name")
     export_parser.add_argument("--version", default="1.0.0", help="artifact version (semver)")
+    export_parser.add_argument(
+        "--init-note", default=None, help="replace the recorded provenance of the initial weights"
+    )
+
+    predict_parser = commands.add_parser(
+        "predict",
+        help="per-slice probabilities and the series result for a DICOM series",
+        description="Run an artifact on one DICOM series exactly as the node does "
+        "(preprocessing, predictor, series rule) and print every slice's probabilities.",
+    )
+    predict_parser.add_argument("--dicom", type=Path, required=True, help="one series folder")
+    predict_parser.add_argument(
+        "--model",
+        type=Path,
+        default=BUNDLED_MODEL,
+        help="artifact folder (default: the bundled model)",
+    )
+    predict_parser.add_argument(
+        "--device",
+        default="auto",
+        choices=("auto", "cpu", "cuda"),
+        help="auto uses CUDA when present (default: auto)",
+    )
+    predict_parser.add_argument("--json", type=Path, default=None, help="write the result JSON")
 
     window_parser = commands.add_parser(
         "measure-window",
@@ -271,7 +302,8 @@ def run_details(result: FitResult, recipe: Recipe, arguments: argparse.Namespace
         "recipe": recipe.to_dict(),
         "initialisation": {
             **result.initialisation.to_dict(),
-            "description": describe_init(result.initialisation.kind, result.initialisation.source),
+            "description": arguments.init_note
+            or describe_init(result.initialisation.kind, result.initialisation.source),
         },
         "validation_metrics": result.val_metrics,
         "window": {"method": WINDOW_METHOD},
@@ -381,6 +413,8 @@ def command_export(arguments: argparse.Namespace) -> int:
     run = json.loads((arguments.run / RUN_FILE).read_text())
     checkpoint = load_checkpoint(arguments.run)
     classes = tuple(run["classes"])
+    if arguments.init_note:
+        run["details"]["initialisation"]["description"] = arguments.init_note
     network = build_mobilenet_v2(len(classes))
     network.load_state_dict(checkpoint["best_weights"])
     write_artifact(
@@ -429,6 +463,21 @@ def command_cv(arguments: argparse.Namespace) -> int:
     return 0
 
 
+def command_predict(arguments: argparse.Namespace) -> int:
+    result = predict_series(arguments.model, arguments.dicom, arguments.device)
+    classes = result["classes"]
+    print(f"model {result['model']}; probabilities in the order {', '.join(classes)}")
+    for row in result["slices"]:
+        cells = "  ".join(f"{value:.4f}" for value in row["probabilities"])
+        print(f"  {row['file']:>16}  instance {row['instance']:4d}  {cells}")
+    series = result["series"]
+    cells = ", ".join(f"{n} {p:.4f}" for n, p in zip(classes, series["probabilities"], strict=True))
+    print(f"series: {series['label']} ({cells}); evidence: {', '.join(series['evidence'])}")
+    if arguments.json is not None:
+        arguments.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def command_measure_window(arguments: argparse.Namespace) -> int:
     _, text = report(arguments.images, arguments.dicom)
     print(text)
@@ -448,6 +497,7 @@ COMMANDS = {
     "evaluate": command_evaluate,
     "cv": command_cv,
     "export": command_export,
+    "predict": command_predict,
     "measure-window": command_measure_window,
     "convert-keras": command_convert_keras,
 }

@@ -8,11 +8,15 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
 
 import models
+from models.aggregation import aggregate
 from models.artifact import Artifact, load_artifact
 from models.predictor import SlicePredictor
-from training.datasets import SliceSet
+from models.preprocessing import tensor_from_dataset
+from training.datasets import DataError, SliceSet
 from training.layouts import Layout, load_all, scan
 from training.metrics import classification_metrics
 from training.plots import plot_confusion, plot_roc
@@ -61,5 +65,42 @@ def evaluate_artifact(
     return metrics
 
 
-def tensor_batches(inputs: torch.Tensor, size: int) -> list[torch.Tensor]:
-    return [inputs[start : start + size] for start in range(0, inputs.shape[0], size)]
+def predict_series(model: Path, folder: Path, device: str = "auto") -> dict[str, Any]:
+    """Per-slice probabilities and the series result for one DICOM series, as the node
+    computes them: the node's preprocessing, predictor and aggregation rule."""
+    artifact = load_artifact(model)
+    manifest = artifact.manifest
+    paths = sorted(path for path in folder.rglob("*") if path.is_file())
+    datasets = []
+    for path in paths:
+        try:
+            datasets.append((path, dcmread(path)))
+        except InvalidDicomError:
+            continue
+    if not datasets:
+        raise DataError(f"{folder} holds no DICOM files")
+    series = {str(dataset.SeriesInstanceUID) for _, dataset in datasets}
+    if len(series) != 1:
+        raise DataError(f"{folder} holds {len(series)} series; give one series folder")
+    # Slice order along the patient axis, as the node orders a series.
+    datasets.sort(key=lambda item: int(item[1].get("InstanceNumber", 0)))
+    inputs = torch.stack([tensor_from_dataset(ds, manifest.preprocessing) for _, ds in datasets])
+    probabilities = SlicePredictor(artifact, device).predict(inputs)
+    result = aggregate(probabilities, manifest.classes, manifest.aggregation)
+    return {
+        "model": manifest.model_id,
+        "classes": list(manifest.classes),
+        "slices": [
+            {
+                "file": path.name,
+                "instance": int(ds.get("InstanceNumber", 0)),
+                "probabilities": [round(float(p), 4) for p in row],
+            }
+            for (path, ds), row in zip(datasets, probabilities, strict=True)
+        ],
+        "series": {
+            "label": result.label,
+            "probabilities": [round(p, 4) for p in result.probabilities],
+            "evidence": [datasets[index][0].name for index in result.evidence],
+        },
+    }

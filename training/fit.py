@@ -113,6 +113,20 @@ def features_of(network: nn.Module) -> nn.Module:
     return features
 
 
+def frozen_layers(
+    network: nn.Module, phase: str, recipe: Recipe, initialisation: Initialisation
+) -> nn.Module | None:
+    """The layers a phase leaves untouched: all features in the head phase; in the
+    full phase, with pretrained weights, all but the last `recipe.train_blocks`."""
+    features = features_of(network)
+    if phase == "head":
+        return features
+    if recipe.train_blocks and initialisation.pretrained:
+        children = list(features.children())
+        return nn.Sequential(*children[: max(0, len(children) - recipe.train_blocks)])
+    return None
+
+
 def class_weights(train: SliceSet) -> torch.Tensor:
     """Inverse class frequency, scaled so that the weights average to one."""
     counts = torch.bincount(train.labels, minlength=len(train.classes)).float()
@@ -145,14 +159,14 @@ def train_one_epoch(
     preprocessing: Preprocessing,
     device: torch.device,
     generator: torch.Generator,
-    head_only: bool,
+    frozen: nn.Module | None,
     description: str,
 ) -> float:
     """One pass over the training split; returns the mean training loss."""
     network.train()
-    if head_only:
-        # Frozen features keep their pretrained batch-norm statistics too.
-        features_of(network).eval()
+    if frozen is not None:
+        # Frozen layers keep their pretrained batch-norm statistics too.
+        frozen.eval()
     weight = class_weights(train).to(device) if recipe.balance == "loss" else None
     total, seen = 0.0, 0
     cuda = device.type == "cuda"
@@ -205,6 +219,34 @@ def evaluate(network: nn.Module, data: SliceSet, device: torch.device) -> dict[s
     picked = probabilities[np.arange(len(truth)), truth]
     metrics["loss"] = float(-np.log(np.clip(picked, 1e-12, None)).mean())
     return metrics
+
+
+@torch.no_grad()
+def recalibrate_batch_norm(
+    network: nn.Module, data: SliceSet, device: torch.device, batch_size: int
+) -> None:
+    """Recompute batch-norm statistics on the clean (unaugmented) training inputs.
+
+    The running statistics gathered during training describe augmented
+    inputs, and the moving average of weights has no statistics of its own;
+    both differ measurably from what the network sees at inference. One
+    forward pass over the training split in train mode (cumulative average)
+    fixes that for a few seconds per epoch.
+    """
+    norms = [m for m in network.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in norms]
+    for module in norms:
+        module.reset_running_stats()
+        module.momentum = None  # cumulative average over all batches
+    was_training = network.training
+    network.train()
+    for start in range(0, len(data), batch_size):
+        inputs = data.inputs[start : start + batch_size].to(device)
+        if inputs.shape[0] > 1:
+            network(inputs)
+    for module, momentum in zip(norms, saved, strict=True):
+        module.momentum = momentum
+    network.train(was_training)
 
 
 def make_optimizer(
@@ -274,9 +316,11 @@ def train_network(
     first_epoch_of_phase = 0
     stop = False
     for phase, epochs, lr in phases(recipe, initialisation):
-        head_only = phase == "head"
-        for parameter in features_of(network).parameters():
-            parameter.requires_grad_(not head_only)
+        frozen = frozen_layers(network, phase, recipe, initialisation)
+        for parameter in network.parameters():
+            parameter.requires_grad_(True)
+        for parameter in frozen.parameters() if frozen is not None else []:
+            parameter.requires_grad_(False)
         trainable = [p for p in network.parameters() if p.requires_grad]
         optimizer = make_optimizer(trainable, recipe, lr)
         scheduler = torch.optim.lr_scheduler.OneCycleLR(
@@ -306,9 +350,12 @@ def train_network(
                 preprocessing,
                 device,
                 generator,
-                head_only,
+                frozen,
                 f"epoch {epoch + 1}",
             )
+            if frozen is None:
+                # Frozen layers keep the statistics the trained head expects.
+                recalibrate_batch_norm(ema.module, train, device, recipe.batch_size)
             row: dict[str, Any] = {"epoch": epoch + 1, "phase": phase, "train_loss": train_loss}
             improved = False
             if val is not None:
