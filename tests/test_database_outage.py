@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pydicom
 
+from pacs_node.report import read_report
 from pacs_node.store import JobStore
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
@@ -46,5 +47,17 @@ def test_postgres_down_refuses_with_0xa700_and_the_node_recovers_by_itself(
             wait_for(lambda: store_status(node.port, during[0]) == 0, 60, "C-STORE to succeed")
             assert store_status(node.port, during[1]) == 0
             assert [store_status(node.port, dataset) for dataset in after] == [0, 0]
+
             # All three series are classified and reported.
-            wait_for(lambda: len(destination.received()) == 3, 180, "three SRs")
+            def reported() -> set[str]:
+                return {
+                    read_report(pydicom.dcmread(path)).source_series_uid
+                    for path in destination.received()
+                }
+
+            expected = {str(series[0].SeriesInstanceUID) for series in (first, during, after)}
+            try:
+                wait_for(lambda: reported() == expected, 180, "an SR for each of the three series")
+            except AssertionError:
+                print(node.log)  # what the node did, for the failure report
+                raise
