@@ -72,7 +72,7 @@ class InferenceStage(JobStage):
         )
         written = self.storage.write(
             self.storage.report_path(str(report.StudyInstanceUID), str(report.SOPInstanceUID)),
-            [_encode(report)],
+            [encode_report(report)],
         )
         self.store.complete_inference(
             job.id,
@@ -106,7 +106,8 @@ class InferenceStage(JobStage):
         )
 
 
-def _encode(report: Dataset) -> bytes:
+def encode_report(report: Dataset) -> bytes:
+    """The SR as the bytes of a DICOM file."""
     buffer = DicomBytesIO()
     dcmwrite(buffer, report, enforce_file_format=True)
     return buffer.getvalue()

@@ -17,8 +17,10 @@ from models.preprocessing import Preprocessing
 CLASSES = ["benign", "malignant", "normal"]
 
 
-def tiny_artifact(folder: Path, seed: int = 0, version: str = "0.0.1-test") -> Path:
-    """A randomly initialised MobileNetV2 artifact with a small input size."""
+def tiny_artifact(
+    folder: Path, seed: int = 0, version: str = "0.0.1-test", input_size: int = 64
+) -> Path:
+    """A randomly initialised MobileNetV2 artifact (small input size unless asked)."""
     torch.manual_seed(seed)
     network = build_mobilenet_v2(len(CLASSES))
     save_artifact(
@@ -27,7 +29,7 @@ def tiny_artifact(folder: Path, seed: int = 0, version: str = "0.0.1-test") -> P
         name="test-model",
         version=version,
         classes=CLASSES,
-        preprocessing=Preprocessing(window_center=-600, window_width=1200, input_size=64),
+        preprocessing=Preprocessing(window_center=-600, window_width=1200, input_size=input_size),
         aggregation=Aggregation(negative_class="normal", fraction=0.1),
     )
     return folder
