@@ -395,3 +395,19 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     code = main(["evaluate", "--model", str(tmp_path / "none"), "--data", str(tmp_path)])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not CHEST_CT.is_dir(), reason="needs ../shared/data/chest-ct-30")
+def test_predict_gives_slice_probabilities_and_the_series_rule(
+    fitted: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "series.json"
+    model = str(fitted / "artifact")
+    code = main(["predict", "--model", model, "--dicom", str(CHEST_CT), "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert len(result["slices"]) == 30
+    assert [row["instance"] for row in result["slices"]] == list(range(1, 31))
+    # ceil(0.1 * 30) = 3 evidence slices: those least likely to be normal.
+    assert len(result["series"]["evidence"]) == 3
+    assert result["series"]["label"] in CLASSES
