@@ -11,6 +11,7 @@ import csv
 import io
 import json
 from pathlib import Path
+from typing import Any
 from urllib.error import URLError
 
 import numpy as np
@@ -272,7 +273,8 @@ def test_dicom_and_its_8bit_export_give_the_same_input(
 
     grey = np.round(255 * window(hounsfield_units(dataset), center, width)).astype(np.uint8)
     std = torch.tensor(preprocessing.std).view(3, 1, 1)
-    for suffix, options in ((".png", {}), (".jpg", {"quality": 95})):
+    exports: tuple[tuple[str, dict[str, Any]], ...] = ((".png", {}), (".jpg", {"quality": 95}))
+    for suffix, options in exports:
         path = tmp_path / f"export{suffix}"
         Image.fromarray(grey).save(path, **options)
         from_export = read_image_sample(Sample(str(path), "normal", "g"), preprocessing)
