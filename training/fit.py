@@ -55,7 +55,6 @@ class FitOptions:
     resume: bool = False
     # Stop (and export the best epoch so far) once this much time has passed.
     max_minutes: float | None = None
-    workers: int | None = None
 
 
 @dataclass
