@@ -182,6 +182,19 @@ class QueueSettings(Section):
     max_depth: int = Field(default=1000, ge=1)
 
 
+class RetentionSettings(Section):
+    """When received instance files are deleted; their rows stay as the history."""
+
+    # Days after a series' last instance, once its SR is delivered to every
+    # destination; 0 keeps the files forever.
+    keep_days: float = Field(default=30.0, ge=0)
+    sweep_seconds: float = Field(default=3600.0, gt=0)
+
+    @property
+    def enabled(self) -> bool:
+        return self.keep_days > 0
+
+
 class LoggingSettings(Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
@@ -199,6 +212,7 @@ class Settings(BaseSettings):
     inference: InferenceSettings = Field(default_factory=InferenceSettings)
     results: ResultsSettings = Field(default_factory=ResultsSettings)
     queue: QueueSettings = Field(default_factory=QueueSettings)
+    retention: RetentionSettings = Field(default_factory=RetentionSettings)
     logging: LoggingSettings = Field(default_factory=LoggingSettings)
 
     @property

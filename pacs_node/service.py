@@ -3,8 +3,8 @@
 Stages never call each other; they meet in the job store and the storage
 root. In one process the only link is a pair of wake-up events, so a series
 that completes is picked up at once instead of at the next poll. Every
-process also runs the periodic work (series completion sweep, lease reaper):
-both are safe to run from many processes at once.
+process also runs the periodic work (series completion sweep, lease reaper,
+retention): all are safe to run from many processes at once.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.receiver import Receiver
 from pacs_node.report import ReportingNode
+from pacs_node.retention import Retention
 from pacs_node.sender import SendStage
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
@@ -148,6 +149,26 @@ class Node:
             coalesce=True,
             id="reap",
         )
+        if settings.retention.enabled:
+            retention = Retention(store, storage, settings.retention.keep_days)
+
+            def retain() -> None:
+                try:
+                    retention.sweep()
+                except PacsNodeError as error:  # e.g. the database is down: the next one catches up
+                    log.warning(
+                        "retention sweep failed",
+                        extra={"action": "retention", "reason": str(error)},
+                    )
+
+            self._scheduler.add_job(
+                retain,
+                "interval",
+                seconds=settings.retention.sweep_seconds,
+                max_instances=1,
+                coalesce=True,
+                id="retention",
+            )
 
         def worker(stage: str) -> Worker:
             return Worker(

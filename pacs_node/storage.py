@@ -89,9 +89,8 @@ class Storage:
                 os.fsync(stream.fileno())
         relative_path = f"{folder}/{sop_uid}.{digest.hexdigest()[:16]}.dcm"
         final = self.root / relative_path
-        self._make_folders(final.parent)
         try:
-            source.replace(final)
+            self._move(source, final)
         except OSError as error:
             if error.errno != errno.EXDEV:
                 raise
@@ -118,6 +117,33 @@ class Storage:
         """Delete a file no row refers to any more (a replaced instance)."""
         (self.root / relative_path).unlink(missing_ok=True)
 
+    def remove_empty_folders(self, relative_folder: str) -> None:
+        """Remove `relative_folder`, then its parents, while they are empty.
+
+        Stops below the top-level folder (`instances/`), and at the first folder
+        that is not empty: a receiver may be writing into it right now.
+        """
+        parts = Path(relative_folder).parts
+        for depth in range(len(parts), 1, -1):
+            try:
+                self.root.joinpath(*parts[:depth]).rmdir()
+            except FileNotFoundError:
+                continue  # another sweeper was first
+            except OSError:
+                return
+
+    def _move(self, source: Path, final: Path) -> None:
+        """Rename `source` to `final`, creating the folders it needs."""
+        try:
+            self._make_folders(final.parent)
+            source.replace(final)
+        except FileNotFoundError:
+            if not source.exists():
+                raise
+            # Retention removed the folder, empty until now, in between: once more.
+            self._make_folders(final.parent)
+            source.replace(final)
+
     def _write(
         self, name: Callable[[str], str], chunks: Iterable[bytes | memoryview]
     ) -> WrittenFile:
@@ -137,8 +163,7 @@ class Storage:
                     os.fsync(stream.fileno())
             relative_path = name(digest.hexdigest())
             final = self.root / relative_path
-            self._make_folders(final.parent)
-            temporary.replace(final)
+            self._move(temporary, final)
         except BaseException:
             temporary.unlink(missing_ok=True)
             raise

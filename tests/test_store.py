@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -43,22 +43,6 @@ T0 = datetime(2025, 3, 1, 12, 0, tzinfo=timezone.utc)
 STUDY = "1.2.826.0.1.3680043.8.498.1"
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
 QUIET = 60.0
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'store.db'}"
-    url: str = request.getfixturevalue("postgres_url")
-    return url
-
-
-@pytest.fixture
-def store(database_url: str) -> Iterator[JobStore]:
-    store = JobStore(database_url)
-    store.upgrade()
-    yield store
-    store.close()
 
 
 def series_uid(n: int) -> str:
@@ -163,7 +147,7 @@ def execute(url: str, statement: str, **params: Any) -> None:
 def test_migrations_run_from_empty_and_match_the_models(database_url: str) -> None:
     store = JobStore(database_url)
     try:
-        with pytest.raises(ConfigurationError, match=r"none.*expected 0001"):
+        with pytest.raises(ConfigurationError, match=r"none.*expected 0002"):
             store.check_schema()
         store.upgrade()
         store.check_schema()

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 
-from sqlalchemy import distinct, func, select
+from sqlalchemy import distinct, exists, func, select
 from sqlalchemy.orm import Session
 
 from pacs_node.store.jobs import enqueue
@@ -20,6 +20,7 @@ from pacs_node.store.records import JobKind, Series, SeriesState
 from pacs_node.store.schema import InstanceRow, SeriesRow
 
 NO_CLASSIFIABLE_INSTANCE = "no classifiable instance"
+CLASSIFIABLE_FILES_REMOVED = "no classifiable instance left: retention removed their files"
 
 
 def complete_ready_series(
@@ -48,7 +49,13 @@ def complete_ready_series(
             continue
         series.revision += 1
         series.completed_at = now
-        if series.classifiable_count > 0:
+        if series.classifiable_count == 0:
+            series.state = SeriesState.SKIPPED
+            series.skip_reason = NO_CLASSIFIABLE_INSTANCE
+        elif not _has_classifiable_file(session, series):
+            series.state = SeriesState.SKIPPED
+            series.skip_reason = CLASSIFIABLE_FILES_REMOVED
+        else:
             series.state = SeriesState.COMPLETE
             enqueue(
                 session,
@@ -58,11 +65,26 @@ def complete_ready_series(
                 now,
                 max_attempts,
             )
-        else:
-            series.state = SeriesState.SKIPPED
-            series.skip_reason = NO_CLASSIFIABLE_INSTANCE
         completed.append(series.to_record())
     return completed
+
+
+def _has_classifiable_file(session: Session, series: SeriesRow) -> bool:
+    """Whether inference has a file to read.
+
+    A late instance may reopen a series whose other files retention removed.
+    """
+    return bool(
+        session.scalar(
+            select(
+                exists().where(
+                    InstanceRow.series_instance_uid == series.series_instance_uid,
+                    InstanceRow.classifiable.is_(True),
+                    InstanceRow.removed_at.is_(None),
+                )
+            )
+        )
+    )
 
 
 def _complete_by_content(session: Session) -> set[str]:

@@ -43,17 +43,22 @@ def record_instance(connection: Connection, instance: NewInstance) -> RecordedIn
             InstanceRow.series_instance_uid,
             InstanceRow.classifiable,
             InstanceRow.path,
+            InstanceRow.removed_at,
         )
         .where(InstanceRow.sop_instance_uid == instance.sop_instance_uid)
         .with_for_update()
     ).one()
     if existing.sha256 == instance.sha256:
+        if existing.removed_at is not None:
+            # Retention removed this content after its series was reported; the
+            # copy just written would be a file no row keeps.
+            return RecordedInstance(InstanceOutcome.IDENTICAL, instance.path)
         return RecordedInstance(InstanceOutcome.IDENTICAL)
 
     connection.execute(
         update(InstanceRow)
         .where(InstanceRow.sop_instance_uid == instance.sop_instance_uid)
-        .values(values)
+        .values({**values, "removed_at": None})
     )
     old_series, old_classifiable = existing.series_instance_uid, int(existing.classifiable)
     new_classifiable = int(instance.classifiable)

@@ -14,7 +14,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from pacs_node.errors import ConfigurationError
-from pacs_node.store import assembly, ingest, jobs, migrate
+from pacs_node.store import assembly, ingest, jobs, migrate, retention
 from pacs_node.store.database import create_store_engine, translated_errors, writer
 from pacs_node.store.records import (
     Instance,
@@ -153,6 +153,21 @@ class JobStore:
         with self._transaction(write=True) as session:
             return jobs.complete_send(session, job_id, worker_id, _utcnow())
 
+    # retention
+
+    def expire_instances(
+        self, received_before: datetime, now: datetime | None = None, limit: int = 500
+    ) -> list[Instance]:
+        """Mark instances of old, delivered series removed; the caller deletes their files.
+
+        At most `limit` instances, of series last received before
+        `received_before`; `pacs_node.store.retention` says what delivered
+        means. Each instance goes to one caller only, however many sweep at once.
+        """
+        _check_positive("limit", limit)
+        with self._transaction(write=True) as session:
+            return retention.expire_instances(session, received_before, now or _utcnow(), limit)
+
     # reading
 
     def list_jobs(
@@ -190,9 +205,16 @@ class JobStore:
             return None if series is None else series.to_record()
 
     def series_instances(
-        self, series_instance_uid: str, classifiable_only: bool = True
+        self,
+        series_instance_uid: str,
+        classifiable_only: bool = True,
+        include_removed: bool = False,
     ) -> list[Instance]:
-        """Ordered by InstanceNumber (missing ones last), then SOP Instance UID."""
+        """Ordered by InstanceNumber (missing ones last), then SOP Instance UID.
+
+        Only instances whose file is there, unless `include_removed` asks for
+        the rows whose file retention deleted as well.
+        """
         query = (
             select(InstanceRow)
             .where(InstanceRow.series_instance_uid == series_instance_uid)
@@ -200,6 +222,8 @@ class JobStore:
         )
         if classifiable_only:
             query = query.where(InstanceRow.classifiable.is_(True))
+        if not include_removed:
+            query = query.where(InstanceRow.removed_at.is_(None))
         with self._transaction(write=False) as session:
             return [instance.to_record() for instance in session.scalars(query)]
 

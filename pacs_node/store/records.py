@@ -48,7 +48,9 @@ class InstanceOutcome(TextEnum):
 @dataclass(frozen=True)
 class RecordedInstance:
     outcome: InstanceOutcome
-    # For CHANGED: the file of the replaced object, which no row refers to any more.
+    # A file no row keeps, for the caller to delete once this is committed: for
+    # CHANGED the replaced object's; for IDENTICAL the copy just written of an
+    # instance whose file retention removed (its series was reported long ago).
     replaced_path: str | None = None
 
 
@@ -89,6 +91,8 @@ class Instance:
     images_in_acquisition: int | None
     classifiable: bool
     exclusion_reason: str | None
+    # When retention deleted the file (the row stays); None while it is there.
+    removed_at: datetime | None
 
 
 @dataclass(frozen=True)

@@ -131,7 +131,17 @@ class SeriesRow(Base):
 
 class InstanceRow(Base):
     __tablename__ = "instances"
-    __table_args__ = (Index(None, "series_instance_uid", "instance_number"),)
+    __table_args__ = (
+        Index(None, "series_instance_uid", "instance_number"),
+        # The retention sweep reads only instances whose file is still there:
+        # a set that stays small while the history grows.
+        Index(
+            "ix_instances_retained",
+            "series_instance_uid",
+            sqlite_where=text("removed_at IS NULL"),
+            postgresql_where=text("removed_at IS NULL"),
+        ),
+    )
 
     sop_instance_uid: Mapped[str] = mapped_column(UID, primary_key=True)
     sop_class_uid: Mapped[str] = mapped_column(UID)
@@ -148,6 +158,8 @@ class InstanceRow(Base):
     images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
     classifiable: Mapped[bool] = mapped_column(Boolean)
     exclusion_reason: Mapped[str | None] = mapped_column(Text)
+    # When retention deleted the file; the row stays as the history.
+    removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
     def to_record(self) -> Instance:
         return Instance(
@@ -166,6 +178,7 @@ class InstanceRow(Base):
             images_in_acquisition=self.images_in_acquisition,
             classifiable=self.classifiable,
             exclusion_reason=self.exclusion_reason,
+            removed_at=self.removed_at,
         )
 
 
@@ -217,6 +230,8 @@ class JobRow(Base):
         Index(None, "kind", "status", "run_after"),
         # The reaper: running jobs by lease end.
         Index(None, "status", "lease_until"),
+        # Retention: the jobs of a series revision.
+        Index(None, "series_instance_uid", "revision"),
         # At most one inference per series revision, and one send per result
         # and destination, however many sweepers or workers race.
         Index(
