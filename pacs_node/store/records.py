@@ -75,24 +75,11 @@ class NewInstance:
 
 
 @dataclass(frozen=True)
-class Instance:
-    sop_instance_uid: str
-    sop_class_uid: str
-    series_instance_uid: str
-    study_instance_uid: str
-    modality: str
-    transfer_syntax_uid: str
-    path: str
-    size: int
-    sha256: str
-    calling_ae: str
-    received_at: datetime
-    instance_number: int | None
-    images_in_acquisition: int | None
-    classifiable: bool
-    exclusion_reason: str | None
+class Instance(NewInstance):
+    """A stored instance: what was recorded, and whether its file is still kept."""
+
     # When retention deleted the file (the row stays); None while it is there.
-    removed_at: datetime | None
+    removed_at: datetime | None = None
 
 
 @dataclass(frozen=True)
