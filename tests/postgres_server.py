@@ -62,7 +62,8 @@ def _bin_dir() -> Path | None:
 
 
 class Cluster:
-    def __init__(self, bin_dir: Path, folder: Path, as_postgres: bool) -> None:
+    def __init__(self, bin_dir: Path, folder: Path, as_postgres: bool, durable: bool) -> None:
+        self.durable = durable
         self.bin_dir = bin_dir
         self.folder = folder
         self.data = folder / "data"
@@ -103,12 +104,12 @@ class Cluster:
         pytest.fail(f"PostgreSQL did not start: {errors[-1]}\n{self.log_tail()}")
 
     def start_on(self, port: int) -> None:
-        # Durability settings off: a test cluster is thrown away anyway.
         options = (
-            f"-c listen_addresses=127.0.0.1 -c port={port} "
-            f"-c unix_socket_directories={self.folder} "
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+            f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={self.folder}"
         )
+        if not self.durable:
+            # A test cluster is thrown away anyway; but a crash then loses commits.
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         log = str(self.folder / "server.log")
         self.run(
             "pg_ctl", "-D", str(self.data), "-l", log, "-o", options, "-w", "-t", "30", "start"
@@ -124,8 +125,12 @@ class Cluster:
 
 
 @contextmanager
-def running_cluster() -> Iterator[tuple[Cluster, PostgresServer]]:
-    """A PostgreSQL cluster of its own in a temporary folder, started on a free port."""
+def running_cluster(durable: bool = False) -> Iterator[tuple[Cluster, PostgresServer]]:
+    """A PostgreSQL cluster of its own in a temporary folder, started on a free port.
+
+    `durable`: committed transactions survive `stop()` (a crash), as in production;
+    otherwise fsync and synchronous commit are off, for speed.
+    """
     bin_dir = _bin_dir()
     if bin_dir is None:
         missing("PostgreSQL (pg_ctl and initdb on PATH or under /usr/lib/postgresql)")
@@ -140,7 +145,7 @@ def running_cluster() -> Iterator[tuple[Cluster, PostgresServer]]:
     folder = Path(tempfile.mkdtemp(prefix="pacs-node-pg-"))
     if account is not None:
         os.chown(folder, account.pw_uid, account.pw_gid)
-    cluster = Cluster(bin_dir, folder, as_postgres)
+    cluster = Cluster(bin_dir, folder, as_postgres, durable)
     try:
         cluster.init()
         port = cluster.start()

@@ -23,7 +23,11 @@ def test_postgres_down_refuses_with_0xa700_and_the_node_recovers_by_itself(
         [pydicom.dcmread(path) for path in renamed_series(chest_ct(), tmp_path / name, count=2)]
         for name in ("first", "during", "after")
     )
-    with running_cluster() as (cluster, server), StoreSCP(tmp_path / "destination") as destination:
+    # Durable: what the node acknowledged before the crash must still be there after it.
+    with (
+        running_cluster(durable=True) as (cluster, server),
+        StoreSCP(tmp_path / "destination") as destination,
+    ):
         url = server.create_database()
         store = JobStore(url)
         store.upgrade()
