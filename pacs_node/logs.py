@@ -46,3 +46,5 @@ def configure_logging(level: str) -> None:
     # patient identity: keep it at WARNING whatever the node's level is.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
+    # highdicom narrates every module it copies into a report at INFO.
+    logging.getLogger("highdicom").setLevel(logging.WARNING)
