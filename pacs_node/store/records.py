@@ -151,19 +151,8 @@ class NewResult:
 
 
 @dataclass(frozen=True)
-class Result:
+class Result(NewResult):
+    """A stored result: what was recorded, its id and when."""
+
     id: int
-    series_instance_uid: str
-    study_instance_uid: str
-    revision: int
-    model_name: str
-    model_version: str
-    model_hash: str
-    label: str
-    probabilities: dict[str, float]
-    slices: list[dict[str, Any]]
-    evidence: list[str]
-    sr_sop_instance_uid: str
-    sr_series_instance_uid: str
-    sr_path: str
     created_at: datetime
