@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 from typing_extensions import Self
 
@@ -107,6 +108,13 @@ class NodeProcess:
         code = self._process.wait(timeout=60)
         self._process = None
         return code
+
+    def jobs(self, kind: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
+        """`pacs-node jobs list --json`, optionally for one kind and status."""
+        arguments = ["jobs", "list", "--json", "--limit", "1000"]
+        arguments += ["--kind", kind] if kind else []
+        arguments += ["--status", status] if status else []
+        return list(json.loads(self.run(*arguments).stdout))
 
     @property
     def pid(self) -> int:

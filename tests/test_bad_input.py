@@ -42,7 +42,7 @@ from tests.dicom_data import renamed_series
 from tests.peers import chest_ct, dcmtk_environment, tool
 from tests.polling import wait_for
 from tests.processes import NodeProcess, StoreSCP
-from tests.scu import store_status, store_statuses
+from tests.scu import associate, store_status, store_statuses
 
 ALLOWED = ["PYNETDICOM", "GOOD", "ECHOSCU", "STORESCU"]
 NETWORK_TIMEOUT = 4
@@ -59,11 +59,8 @@ class GoodSender(threading.Thread):
         self.running.set()
 
     def run(self) -> None:
-        ae = AE(ae_title="GOOD")
         template = ct_slice(3)
-        ae.add_requested_context(template.SOPClassUID, template.file_meta.TransferSyntaxUID)
-        association = ae.associate("127.0.0.1", self.port, ae_title="PACSNODE")
-        assert association.is_established
+        association = associate(self.port, template, calling_ae="GOOD")
         while self.running.is_set():
             template.SOPInstanceUID = generate_uid()
             self.statuses.append(int(association.send_c_store(template).Status))
@@ -405,10 +402,7 @@ def test_a_silent_connection_is_closed_after_the_timeout(node: NodeProcess) -> N
 
 def test_a_peer_silent_in_mid_transfer_is_aborted_and_nothing_is_kept(node: NodeProcess) -> None:
     dataset = ct_slice()
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    association = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
-    assert association.is_established
+    association = associate(node.port, dataset)
     begin_store(association, dataset, fraction=0.5)
     wait_for(
         lambda: association.is_aborted or not association.is_alive(),
@@ -421,10 +415,7 @@ def test_a_peer_silent_in_mid_transfer_is_aborted_and_nothing_is_kept(node: Node
 
 def test_a_peer_aborting_in_mid_transfer_leaves_nothing(node: NodeProcess) -> None:
     dataset = ct_slice()
-    ae = AE(ae_title="PYNETDICOM")
-    ae.add_requested_context(dataset.SOPClassUID, dataset.file_meta.TransferSyntaxUID)
-    association = ae.associate("127.0.0.1", node.port, ae_title="PACSNODE")
-    assert association.is_established
+    association = associate(node.port, dataset)
     begin_store(association, dataset, fraction=0.5)
     association.abort()
     logged(node, "association aborted: 0 stored")

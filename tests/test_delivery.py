@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +12,6 @@ from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
 from tests.processes import NodeProcess, StoreSCP, storescu
-
-
-def jobs(node: NodeProcess, kind: str, status: str | None = None) -> list[dict[str, Any]]:
-    arguments = ["jobs", "list", "--kind", kind, "--json"] + (
-        ["--status", status] if status else []
-    )
-    return list(json.loads(node.run(*arguments).stdout))
 
 
 def test_a_dead_delivery_is_listed_retried_by_the_operator_and_delivered_once(
@@ -35,7 +27,7 @@ def test_a_dead_delivery_is_listed_retried_by_the_operator_and_delivered_once(
     )
     with node:
         assert storescu(node.port, "PACSNODE", files).returncode == 0
-        (dead,) = wait_for(lambda: jobs(node, "send", "dead"), 120, "the send job to die")
+        (dead,) = wait_for(lambda: node.jobs("send", "dead"), 120, "the send job to die")
         assert dead["attempts"] == 2
         assert "not established" in dead["last_error"]
         listing = node.run("jobs", "list").stdout
@@ -45,7 +37,7 @@ def test_a_dead_delivery_is_listed_retried_by_the_operator_and_delivered_once(
 
         with destination:
             assert "queued again" in node.run("jobs", "retry", str(dead["id"])).stdout
-            wait_for(lambda: jobs(node, "send", "done"), 60, "the revived send job to finish")
+            wait_for(lambda: node.jobs("send", "done"), 60, "the revived send job to finish")
             assert len(destination.received()) == 1
 
 
@@ -74,7 +66,7 @@ def test_late_instances_reopen_the_series_and_the_new_sr_supersedes_the_old(
         )
 
         def infer_jobs_once_both_sent() -> list[dict[str, Any]] | None:
-            return jobs(node, "infer") if len(jobs(node, "send", "done")) == 2 else None
+            return node.jobs("infer") if len(node.jobs("send", "done")) == 2 else None
 
         infer = wait_for(infer_jobs_once_both_sent, 60, "both deliveries")
     (second_file,) = reports

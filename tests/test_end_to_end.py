@@ -36,11 +36,6 @@ def classify_json(node: NodeProcess, folder: Path) -> dict[str, Any]:
     return dict(series)
 
 
-def jobs(node: NodeProcess, kind: str) -> list[dict[str, Any]]:
-    listed = json.loads(node.run("jobs", "list", "--kind", kind, "--json").stdout)
-    return list(listed)
-
-
 def only_sr(destination: StoreSCP) -> Dataset:
     files = wait_for(destination.received, SR_TIMEOUT, "an SR at the destination")
     assert len(files) == 1, f"expected one SR, got {len(files)}"
@@ -62,7 +57,7 @@ def test_series_from_storescu_comes_back_as_one_valid_sr(tmp_path: Path, tiny_mo
 
         report = only_sr(destination)
         done = wait_for(
-            lambda: [job for job in jobs(node, "send") if job["status"] == "done"],
+            lambda: [job for job in node.jobs("send") if job["status"] == "done"],
             30,
             "send job done",
         )
@@ -124,7 +119,7 @@ def test_restart_after_acknowledgement_still_yields_exactly_one_sr(
     # Restarted while the destination is down: the send job fails and waits.
     node.start()
     wait_for(
-        lambda: any(job["attempts"] >= 1 for job in jobs(node, "send")),
+        lambda: any(job["attempts"] >= 1 for job in node.jobs("send")),
         90,
         "a failed delivery attempt",
     )
@@ -135,14 +130,14 @@ def test_restart_after_acknowledgement_still_yields_exactly_one_sr(
         try:
             only_sr(destination)
             wait_for(
-                lambda: [job for job in jobs(node, "send") if job["status"] == "done"],
+                lambda: [job for job in node.jobs("send") if job["status"] == "done"],
                 60,
                 "send done",
             )
         finally:
             node.stop()
         assert len(destination.received()) == 1
-    infer_jobs = jobs(node, "infer")
+    infer_jobs = node.jobs("infer")
     assert len(infer_jobs) == 1 and infer_jobs[0]["status"] == "done"
 
 
@@ -238,7 +233,7 @@ def test_bad_input_gets_a_clear_answer_and_the_node_goes_on(
         assert read_report(only_sr(destination)).source_series_uid == series_uid(good)
         mr_series = str(mr.SeriesInstanceUID)
         wait_for(lambda: node.has_logged(f"series_uid={mr_series}"), 10, "the MR series log")
-    assert mr_series not in {job["series_instance_uid"] for job in jobs(node, "infer")}
+    assert mr_series not in {job["series_instance_uid"] for job in node.jobs("infer")}
 
 
 def test_serve_refuses_to_start_when_the_port_is_taken_or_the_model_is_bad(

@@ -7,7 +7,6 @@ the node with DCMTK's storescu as the sender and storescp as the PACS.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
@@ -369,11 +368,6 @@ def test_a_sweep_works_through_batches(store: JobStore, tmp_path: Path) -> None:
 # end to end
 
 
-def jobs(node: NodeProcess, kind: str | None = None) -> list[dict[str, Any]]:
-    arguments = ["jobs", "list", "--json"] + (["--kind", kind] if kind else [])
-    return list(json.loads(node.run(*arguments).stdout))
-
-
 def instance_files(node: NodeProcess, series: Sequence[Path] | None = None) -> list[Path]:
     """The node's received files, or those of the series of the files `series`."""
     pattern = f"*/{series_uid_of(series)}/*.dcm" if series else "*/*/*.dcm"
@@ -410,13 +404,13 @@ def test_the_files_of_a_delivered_series_go_and_its_history_stays(
         wait_for(destination.received, 120, "the SR")
         instances = node.storage_root / "instances"
         wait_for(lambda: not any(instances.iterdir()), 60, "the files and their folders to go")
-        assert [job["status"] for job in jobs(node)] == ["done", "done"]
+        assert [job["status"] for job in node.jobs()] == ["done", "done"]
         assert node.has_logged("retention deleted 3 instance file(s) of 1 delivered series")
 
         # The same series again: acknowledged, no file kept, nothing reported again.
         assert storescu(node.port, "PACSNODE", files).returncode == 0
         assert instance_files(node) == []
-        assert len(jobs(node)) == 2
+        assert len(node.jobs()) == 2
     rows = series_rows(node, files)
     assert len(rows) == 3 and all(row.removed_at is not None for row in rows)
     assert len(list((node.storage_root / "reports").rglob("*.dcm"))) == 1
@@ -434,7 +428,7 @@ def test_the_files_stay_while_the_sr_is_not_delivered(tmp_path: Path, tiny_model
     ) as node:
         assert storescu(node.port, "PACSNODE", undelivered).returncode == 0
         (dead,) = wait_for(
-            lambda: [job for job in jobs(node, "send") if job["status"] == "dead"],
+            lambda: [job for job in node.jobs("send") if job["status"] == "dead"],
             120,
             "the send job to die",
         )
