@@ -18,7 +18,6 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
-from sqlalchemy.orm import Session
 from sqlalchemy.sql.dml import Insert
 
 from pacs_node.errors import ConfigurationError, StoreUnavailableError
@@ -78,10 +77,9 @@ def _begin_sqlite_transaction(connection: Connection) -> None:
     connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-def insert_ignoring_conflicts(bind: Session | Connection, entity: type[Base]) -> Insert:
+def insert_ignoring_conflicts(dialect: str, entity: type[Base]) -> Insert:
     """INSERT ... ON CONFLICT DO NOTHING, the race-free way to create a row once."""
-    dialect = bind.dialect if isinstance(bind, Connection) else bind.get_bind().dialect
-    if dialect.name == "postgresql":
+    if dialect == "postgresql":
         return postgresql.insert(entity).on_conflict_do_nothing()
     return sqlite.insert(entity).on_conflict_do_nothing()
 

@@ -33,7 +33,7 @@ def enqueue(
 ) -> int | None:
     """Queue a job unless its twin exists (unique indexes); the new job's id or None."""
     job_id = session.scalar(
-        insert_ignoring_conflicts(session, JobRow)
+        insert_ignoring_conflicts(session.get_bind().dialect.name, JobRow)
         .values(
             kind=kind,
             status=JobStatus.QUEUED,
@@ -197,7 +197,7 @@ def complete_inference(
             "the result is for another series or revision"
         )
     inserted_id = session.scalar(
-        insert_ignoring_conflicts(session, ResultRow)
+        insert_ignoring_conflicts(session.get_bind().dialect.name, ResultRow)
         .values(**asdict(result), created_at=now)
         .returning(ResultRow.id)
     )
