@@ -89,7 +89,6 @@ class DicomSettings(Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     max_associations: int = Field(default=16, ge=1)
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
-    dimse_timeout_seconds: float = Field(default=60.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
 
     _ae = field_validator("ae_title")(_check_ae_title)

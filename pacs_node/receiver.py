@@ -1,10 +1,10 @@
-"""The DICOM listener: C-ECHO and C-STORE, acknowledged only once durable.
+"""The node's Storage SCP: which associations to accept, and C-STORE made durable.
 
-One of the two modules that import pynetdicom (the other is `sender`). A
-C-STORE is answered Success only after the received bytes are fsynced at
+The network edge is this module, `acceptor` (the upper layer) and `sender`.
+A C-STORE is answered Success only after the received bytes are fsynced at
 their final path and the instance row is committed; every other outcome gets
 the specific status of the Storage Service Class (PS3.4 B.2.3) and a log line
-saying why. Handlers never raise into pynetdicom.
+saying why. Nothing here raises into the acceptor.
 """
 
 from __future__ import annotations
@@ -16,16 +16,18 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, cast
 
 from pydicom import dcmread, uid
-from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
-from pynetdicom.dimse_primitives import C_STORE
-from pynetdicom.events import Event
 from pynetdicom.presentation import AllStoragePresentationContexts
-from pynetdicom.transport import ThreadedAssociationServer
 
+from pacs_node.acceptor import (
+    Acceptor,
+    AcceptorSettings,
+    Association,
+    DataSetSink,
+    Status,
+    StoreRequest,
+)
 from pacs_node.config import DicomSettings, IntakeSettings, TlsSettings
 from pacs_node.errors import (
     BadInstanceError,
@@ -34,7 +36,7 @@ from pacs_node.errors import (
     StoreUnavailableError,
 )
 from pacs_node.intake import check_complete, describe
-from pacs_node.storage import Storage
+from pacs_node.storage import IncomingFile, ReceivedFile, Storage
 from pacs_node.store import InstanceOutcome, JobStore, NewInstance
 
 log = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 # Header values longer than this are left on disk when describing an instance.
 DEFER_BYTES = 4096
-# Larger PDUs mean fewer Python-level PDU round trips per instance.
+# Offered to peers: a CT slice then arrives in one P-DATA-TF, not dozens.
 MAXIMUM_PDU_BYTES = 4 * 1024 * 1024
 
 
@@ -77,7 +79,7 @@ class _AssociationTally:
 
 
 class Receiver:
-    """Owns the pynetdicom application entity and its server thread."""
+    """The node's C-STORE SCP: what to accept, where it goes, what to answer."""
 
     def __init__(
         self,
@@ -93,170 +95,129 @@ class Receiver:
         self.store = store
         # Returns a reason to refuse new data (back-pressure), or None.
         self.admit = admit
-        self._server: ThreadedAssociationServer | None = None
+        self._acceptor: Acceptor | None = None
         self._tallies: dict[int, _AssociationTally] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
-        # pynetdicom then streams each data set to a temporary file as its
-        # fragments arrive, so no instance is ever held whole in memory. `serve`
-        # points the temporary folder at incoming/, on the storage volume, from
-        # where the handler renames the file into place without a copy.
-        _config.STORE_RECV_CHUNKED_DATASET = True
-        ae = AE(ae_title=self.dicom.ae_title)
-        ae.maximum_associations = self.dicom.max_associations
-        ae.acse_timeout = self.dicom.acse_timeout_seconds
-        ae.dimse_timeout = self.dicom.dimse_timeout_seconds
-        ae.network_timeout = self.dicom.network_timeout_seconds
-        ae.maximum_pdu_size = MAXIMUM_PDU_BYTES
-        if self.dicom.allowed_calling_aes:
-            ae.require_calling_aet = self.dicom.allowed_calling_aes
-        ae.add_supported_context(VERIFICATION)
-        for context in AllStoragePresentationContexts:
-            if context.abstract_syntax is not None:
-                ae.add_supported_context(context.abstract_syntax, ACCEPTED_TRANSFER_SYNTAXES)
-        handlers: list[Any] = [
-            (evt.EVT_C_ECHO, self._on_echo),
-            (evt.EVT_C_STORE, self._on_store),
-            (evt.EVT_CONN_OPEN, self._on_connection),
-            (evt.EVT_ESTABLISHED, self._on_established),
-            (evt.EVT_RELEASED, self._on_closed),
-            (evt.EVT_ABORTED, self._on_closed),
-            (evt.EVT_REJECTED, self._on_rejected),
+        settings = AcceptorSettings(
+            max_associations=self.dicom.max_associations,
+            acse_timeout_seconds=self.dicom.acse_timeout_seconds,
+            network_timeout_seconds=self.dicom.network_timeout_seconds,
+            maximum_pdu_bytes=MAXIMUM_PDU_BYTES,
+            tls=tls_context(self.dicom.tls),
+        )
+        contexts = [
+            (sop_class, ACCEPTED_TRANSFER_SYNTAXES)
+            for sop_class in [VERIFICATION, *_storage_sop_classes()]
         ]
+        acceptor = Acceptor(settings, self, contexts)
         try:
-            self._server = ae.start_server(
-                (self.dicom.bind, self.dicom.port),
-                block=False,
-                evt_handlers=handlers,
-                ssl_context=tls_context(self.dicom.tls),
-            )
+            acceptor.start(self.dicom.bind, self.dicom.port)
         except OSError as error:
             raise ConfigurationError(
                 f"cannot listen on {self.dicom.bind}:{self.dicom.port}: {error.strerror}"
             ) from error
+        self._acceptor = acceptor
 
     def stop(self) -> None:
-        if self._server is not None:
-            self._server.shutdown()
-            self._server = None
+        if self._acceptor is not None:
+            self._acceptor.stop()
+            self._acceptor = None
 
     @property
     def port(self) -> int:
         """The port actually bound (useful when configured as 0)."""
-        if self._server is None:
+        if self._acceptor is None:
             raise RuntimeError("the receiver is not running")
-        return int(self._server.server_address[1])
+        return self._acceptor.port
 
-    # --- association events -------------------------------------------------
+    # --- associations -----------------------------------------------------------
 
-    def _on_connection(self, event: Event) -> None:
-        # pynetdicom reads a PDU's announced length in blocking calls and checks
-        # its own timeouts only between PDUs: without a socket timeout, a peer
-        # that stops in the middle of a PDU would hold a thread forever.
-        transport = event.assoc.dul.socket
-        if transport is not None and transport.socket is not None:
-            transport.socket.settimeout(self.dicom.network_timeout_seconds)
+    def refusal(self, calling_ae: str, address: str) -> str | None:
+        allowed = self.dicom.allowed_calling_aes
+        if allowed and calling_ae not in allowed:
+            return "calling AE title is not in dicom.allowed_calling_aes"
+        networks = self.dicom.allowed_addresses.get(calling_ae)
+        if networks is not None and not any(
+            ipaddress.ip_address(address) in network for network in networks
+        ):
+            return "address not allowed for this calling AE"
+        return None
 
-    def _on_established(self, event: Event) -> None:
-        context = {"peer_ae": _peer_ae(event), "peer": _peer(event)}
-        if not self._address_allowed(event):
-            log.warning(
-                "association aborted: address not allowed for this calling AE",
-                extra={"action": "reject", "reason": "dicom.allowed_addresses", **context},
-            )
-            event.assoc.abort()
-            return
+    def opened(self, association: Association) -> None:
         with self._lock:
-            self._tallies[id(event.assoc)] = _AssociationTally()
+            self._tallies[id(association)] = _AssociationTally()
+        context = {"peer_ae": association.calling_ae, "peer": _peer(association)}
         log.info("association established", extra={"action": "associate", **context})
-        rejected = sorted({str(cx.abstract_syntax) for cx in event.assoc.rejected_contexts})
-        if rejected:
+        if association.rejected_abstract_syntaxes:
             log.warning(
                 "presentation contexts rejected",
                 extra={
                     "action": "associate",
-                    "reason": f"abstract syntax not supported: {', '.join(rejected)}",
+                    "reason": "abstract syntax not supported: "
+                    + ", ".join(association.rejected_abstract_syntaxes),
                     **context,
                 },
             )
 
-    def _address_allowed(self, event: Event) -> bool:
-        # pynetdicom offers no hook between reading the request and answering
-        # it, so an AE calling from the wrong address is aborted right after.
-        networks = self.dicom.allowed_addresses.get(_peer_ae(event))
-        if networks is None:
-            return True
-        address = ipaddress.ip_address(event.assoc.requestor.address)
-        return any(address in network for network in networks)
-
-    def _on_closed(self, event: Event) -> None:
+    def closed(self, association: Association, how: str, reason: str) -> None:
         with self._lock:
-            tally = self._tallies.pop(id(event.assoc), _AssociationTally())
-        how = "released" if event.event is evt.EVT_RELEASED else "aborted"
+            tally = self._tallies.pop(id(association), _AssociationTally())
+        extra = {"action": how, "peer_ae": association.calling_ae, "peer": _peer(association)}
+        if reason:
+            extra["reason"] = reason
         log.info(
             f"association {how}: {tally.stored} stored, {tally.duplicates} duplicate, "
             f"{tally.failed} refused",
-            extra={"action": how, "peer_ae": _peer_ae(event), "peer": _peer(event)},
+            extra=extra,
         )
 
-    def _on_rejected(self, event: Event) -> None:
-        calling = _peer_ae(event)
-        allowed = self.dicom.allowed_calling_aes
-        reason = (
-            "calling AE title is not in dicom.allowed_calling_aes"
-            if allowed and calling not in allowed
-            else "association request not acceptable (limits or negotiation)"
-        )
-        log.warning(
-            "association rejected",
-            extra={"action": "reject", "peer_ae": calling, "peer": _peer(event), "reason": reason},
-        )
+    # --- C-STORE ------------------------------------------------------------------
 
-    # --- services -------------------------------------------------------------
-
-    def _on_echo(self, event: Event) -> int:
-        log.debug("C-ECHO", extra={"action": "echo", "peer_ae": _peer_ae(event)})
-        return SUCCESS
-
-    def _on_store(self, event: Event) -> Dataset:
-        """Answer one C-STORE; every path returns a status, none raises."""
-        peer_ae = _peer_ae(event)
-        try:
-            status, comment = self._store(event, peer_ae)
-        except Exception:  # a handler must never raise into pynetdicom
-            log.exception(
-                "C-STORE failed unexpectedly", extra={"action": "store", "peer_ae": peer_ae}
-            )
-            status, comment = CANNOT_UNDERSTAND, "internal error while storing"
-        with self._lock:
-            tally = self._tallies.setdefault(id(event.assoc), _AssociationTally())
-            if status != SUCCESS:
-                tally.failed += 1
-        reply = Dataset()
-        reply.Status = status
-        if comment:
-            reply.ErrorComment = comment[:64]
-        return reply
-
-    def _store(self, event: Event, peer_ae: str) -> tuple[int, str]:
+    def prepare_store(self, request: StoreRequest, header: bytes) -> DataSetSink | Status:
         refusal = self.admit()
         if refusal is not None:
             log.warning(
                 "C-STORE refused: out of resources",
-                extra={"action": "store", "peer_ae": peer_ae, "reason": refusal},
+                extra={
+                    "action": "store",
+                    "peer_ae": request.association.calling_ae,
+                    "reason": refusal,
+                },
             )
-            return OUT_OF_RESOURCES, refusal
+            return self._counted(request, Status(OUT_OF_RESOURCES, refusal))
         try:
-            received = event.dataset_path
+            return _InstanceSink(self, request, self.storage.incoming_file(header))
+        except OSError as error:
+            return self._counted(request, self._storage_failure(request, error))
+
+    def store_received(self, request: StoreRequest, received: ReceivedFile) -> Status:
+        """Store one received instance; every path returns a status, none raises."""
+        peer_ae = request.association.calling_ae
+        try:
+            status = self._store(request, received)
+        except Exception:  # the acceptor must go on serving whatever happens here
+            log.exception(
+                "C-STORE failed unexpectedly", extra={"action": "store", "peer_ae": peer_ae}
+            )
+            status = Status(CANNOT_UNDERSTAND, "internal error while storing")
+        # Refused or failed: keep no file no row refers to (a no-op once adopted).
+        if status.code != SUCCESS:
+            received.path.unlink(missing_ok=True)
+        return self._counted(request, status)
+
+    def _store(self, request: StoreRequest, received: ReceivedFile) -> Status:
+        peer_ae = request.association.calling_ae
+        try:
             # Values over DEFER_BYTES (pixel data) stay on disk: only the header is read.
-            dataset = dcmread(received, defer_size=DEFER_BYTES)
-            check_complete(dataset, received.stat().st_size)
+            dataset = dcmread(received.path, defer_size=DEFER_BYTES)
+            check_complete(dataset, received.size)
             info = describe(dataset, self.intake)
-            request = cast(C_STORE, event.request)
-            request_class = str(request.AffectedSOPClassUID)
-            request_instance = str(request.AffectedSOPInstanceUID)
-            if (info.sop_class_uid, info.sop_instance_uid) != (request_class, request_instance):
+            if (info.sop_class_uid, info.sop_instance_uid) != (
+                request.sop_class_uid,
+                request.sop_instance_uid,
+            ):
                 raise DatasetMismatchError("SOP class/instance UID differ from the request")
             written = self.storage.adopt_instance(
                 info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid, received
@@ -268,7 +229,7 @@ class Receiver:
                     series_instance_uid=info.series_instance_uid,
                     study_instance_uid=info.study_instance_uid,
                     modality=info.modality,
-                    transfer_syntax_uid=str(event.context.transfer_syntax),
+                    transfer_syntax_uid=request.transfer_syntax_uid,
                     path=written.relative_path,
                     size=written.size,
                     sha256=written.sha256,
@@ -287,9 +248,7 @@ class Receiver:
         except StoreUnavailableError as error:
             return self._refuse(OUT_OF_RESOURCES, str(error), peer_ae)
         except OSError as error:
-            return self._refuse(
-                OUT_OF_RESOURCES, f"cannot write to storage: {error.strerror}", peer_ae
-            )
+            return self._storage_failure(request, error)
         except Exception as error:  # pydicom raises many kinds on malformed data
             return self._refuse(
                 CANNOT_UNDERSTAND, f"cannot decode data set: {type(error).__name__}", peer_ae
@@ -297,12 +256,17 @@ class Receiver:
         if recorded.replaced_path is not None:
             # Committed: no row refers to the replaced object's file any more.
             self.storage.remove(recorded.replaced_path)
-        self._count(
-            event, info.series_instance_uid, recorded.outcome, info.exclusion_reason, peer_ae
-        )
-        return SUCCESS, ""
+        self._count(request, info.series_instance_uid, recorded.outcome, info.exclusion_reason)
+        return Status(SUCCESS)
 
-    def _refuse(self, status: int, reason: str, peer_ae: str) -> tuple[int, str]:
+    def _storage_failure(self, request: StoreRequest, error: OSError) -> Status:
+        return self._refuse(
+            OUT_OF_RESOURCES,
+            f"cannot write to storage: {error.strerror}",
+            request.association.calling_ae,
+        )
+
+    def _refuse(self, status: int, reason: str, peer_ae: str) -> Status:
         log.warning(
             f"C-STORE refused with 0x{status:04X}",
             extra={
@@ -312,18 +276,25 @@ class Receiver:
                 "reason": reason,
             },
         )
-        return status, reason
+        return Status(status, reason)
+
+    def _counted(self, request: StoreRequest, status: Status) -> Status:
+        if status.code != SUCCESS:
+            with self._lock:
+                tally = self._tallies.setdefault(id(request.association), _AssociationTally())
+                tally.failed += 1
+        return status
 
     def _count(
         self,
-        event: Event,
+        request: StoreRequest,
         series_uid: str,
         outcome: InstanceOutcome,
         exclusion: str | None,
-        peer_ae: str,
     ) -> None:
+        peer_ae = request.association.calling_ae
         with self._lock:
-            tally = self._tallies.setdefault(id(event.assoc), _AssociationTally())
+            tally = self._tallies.setdefault(id(request.association), _AssociationTally())
             if outcome is InstanceOutcome.IDENTICAL:
                 tally.duplicates += 1
             else:
@@ -350,6 +321,45 @@ class Receiver:
             )
 
 
+class _InstanceSink:
+    """A data set streamed into incoming/; a write error is answered once it has all arrived."""
+
+    def __init__(self, receiver: Receiver, request: StoreRequest, file: IncomingFile) -> None:
+        self.receiver = receiver
+        self.request = request
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, fragment: memoryview) -> None:
+        if self.error is None:
+            try:
+                self.file.write(fragment)
+            except OSError as error:
+                self.error = error  # the rest is read and dropped
+
+    def finish(self) -> Status:
+        if self.error is None:
+            try:
+                return self.receiver.store_received(self.request, self.file.finish())
+            except OSError as error:
+                self.error = error
+        self.file.discard()
+        return self.receiver._counted(
+            self.request, self.receiver._storage_failure(self.request, self.error)
+        )
+
+    def discard(self) -> None:
+        self.file.discard()
+
+
+def _storage_sop_classes() -> list[str]:
+    return [
+        str(context.abstract_syntax)
+        for context in AllStoragePresentationContexts
+        if context.abstract_syntax is not None
+    ]
+
+
 def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
     """The server side of DICOM TLS, or None when TLS is off."""
     if settings.certificate is None or settings.private_key is None:
@@ -369,10 +379,5 @@ def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
     return context
 
 
-def _peer_ae(event: Event) -> str:
-    return str(event.assoc.requestor.ae_title).strip()
-
-
-def _peer(event: Event) -> str:
-    requestor = event.assoc.requestor
-    return f"{requestor.address}:{requestor.port}"
+def _peer(association: Association) -> str:
+    return f"{association.address}:{association.port}"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import tempfile
 import threading
 from collections.abc import Callable, Sequence
 
@@ -112,9 +111,6 @@ class Node:
 
             classifier = load_classifier(settings)
         storage = Storage(settings.storage.root, settings.storage.fsync)
-        # The receiver's temporary files (streamed data sets) belong on the
-        # storage volume: renamed into place, never copied, never in a RAM /tmp.
-        tempfile.tempdir = str(storage.incoming)
         # A transfer stalls at most network_timeout between fragments; a file
         # in incoming/ untouched for much longer has no live writer.
         stale_seconds = max(300.0, 2 * settings.dicom.network_timeout_seconds)

@@ -8,19 +8,18 @@ leaves either the whole file or none of it at its final path.
 
 from __future__ import annotations
 
-import errno
 import hashlib
+import io
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from pacs_node.errors import BadInstanceError
 
-READ_CHUNK_BYTES = 1 << 20
 # PS3.5 9.1: components of digits without leading zeros, at most 64 characters.
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 
@@ -30,6 +29,65 @@ def check_uid(value: str, name: str) -> str:
     if len(value) > 64 or not _UID.match(value):
         raise BadInstanceError(f"{name} is not a valid UID")
     return value
+
+
+@dataclass(frozen=True)
+class ReceivedFile:
+    """A complete, synced file in incoming/, and the SHA-256 of its content."""
+
+    path: Path
+    size: int
+    sha256: str
+
+
+class IncomingFile:
+    """A file being written to incoming/, hashed on the way, synced when finished.
+
+    The hash covers what is written after `header`: for a received instance the
+    header is the File Meta Information the node puts in front of the data set,
+    so the hash identifies the object as the peer sent it, whichever version of
+    the node wrote the header.
+    """
+
+    def __init__(self, folder: Path, fsync: bool, header: bytes = b"") -> None:
+        self.path = folder / f"{uuid.uuid4().hex}.part"
+        self._fsync = fsync
+        self._digest = hashlib.sha256()
+        self._size = 0
+        # Unbuffered: the network layer hands over large chunks, written as they are.
+        self._stream = io.FileIO(self.path, "xb", opener=_private)
+        try:
+            self._write_all(header)
+        except BaseException:
+            self.discard()
+            raise
+
+    def write(self, data: bytes | memoryview) -> None:
+        self._write_all(data)
+        self._digest.update(data)
+
+    def finish(self) -> ReceivedFile:
+        """Sync and close the file; it is complete."""
+        try:
+            if self._fsync:
+                os.fsync(self._stream.fileno())
+        except BaseException:
+            self.discard()
+            raise
+        self._stream.close()
+        return ReceivedFile(self.path, self._size, self._digest.hexdigest())
+
+    def discard(self) -> None:
+        """Close and remove the file (a refused or interrupted transfer)."""
+        self._stream.close()
+        self.path.unlink(missing_ok=True)
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            written = self._stream.write(view)
+            view = view[written:]
+        self._size += len(data)
 
 
 @dataclass(frozen=True)
@@ -56,10 +114,14 @@ class Storage:
     def absolute(self, relative_path: str) -> Path:
         return self.root / relative_path
 
-    def write_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, chunks: Iterable[bytes | memoryview]
+    def incoming_file(self, header: bytes = b"") -> IncomingFile:
+        """A new file in incoming/ that starts with `header`; see IncomingFile."""
+        return IncomingFile(self.incoming, self.fsync, header)
+
+    def adopt_instance(
+        self, study_uid: str, series_uid: str, sop_uid: str, received: ReceivedFile
     ) -> WrittenFile:
-        """Write a received instance durably under a name that includes its content hash.
+        """Move a received instance to a name that includes its content hash, durably.
 
         An identical re-send lands on the same name; a different object under
         the same SOP Instance UID gets a new name, so the acknowledged file stays
@@ -67,45 +129,18 @@ class Storage:
         """
         folder = self._instance_folder(study_uid, series_uid)
         check_uid(sop_uid, "SOPInstanceUID")
-        return self._write(lambda digest: f"{folder}/{sop_uid}.{digest[:16]}.dcm", chunks)
-
-    def adopt_instance(
-        self, study_uid: str, series_uid: str, sop_uid: str, source: Path
-    ) -> WrittenFile:
-        """Move a received file from incoming/ to its place, durably; see write_instance.
-
-        The network layer streams large data sets straight to a file there, so
-        they are never held whole in memory and never copied.
-        """
-        folder = self._instance_folder(study_uid, series_uid)
-        check_uid(sop_uid, "SOPInstanceUID")
-        digest = hashlib.sha256()
-        size = 0
-        with source.open("rb") as stream:
-            while chunk := stream.read(READ_CHUNK_BYTES):
-                digest.update(chunk)
-                size += len(chunk)
-            if self.fsync:
-                os.fsync(stream.fileno())
-        relative_path = f"{folder}/{sop_uid}.{digest.hexdigest()[:16]}.dcm"
-        final = self.root / relative_path
-        try:
-            self._move(source, final)
-        except OSError as error:
-            if error.errno != errno.EXDEV:
-                raise
-            # The file was written on another volume: copy it, durably.
-            with source.open("rb") as stream:
-                return self.write_instance(
-                    study_uid, series_uid, sop_uid, iter(lambda: stream.read(READ_CHUNK_BYTES), b"")
-                )
-        if self.fsync:
-            _fsync_folder(final.parent)
-        return WrittenFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+        return self._place(received, f"{folder}/{sop_uid}.{received.sha256[:16]}.dcm")
 
     def write(self, relative_path: str, chunks: Iterable[bytes | memoryview]) -> WrittenFile:
         """Write `chunks` durably at `relative_path`, replacing any older file."""
-        return self._write(lambda digest: relative_path, chunks)
+        incoming = self.incoming_file()
+        try:
+            for chunk in chunks:
+                incoming.write(chunk)
+        except BaseException:
+            incoming.discard()
+            raise
+        return self._place(incoming.finish(), relative_path)
 
     def _instance_folder(self, study_uid: str, series_uid: str) -> str:
         return (
@@ -144,32 +179,17 @@ class Storage:
             self._make_folders(final.parent)
             source.replace(final)
 
-    def _write(
-        self, name: Callable[[str], str], chunks: Iterable[bytes | memoryview]
-    ) -> WrittenFile:
-        """Write to incoming/, fsync, rename to `name(sha256)`, fsync its folder."""
-        temporary = self.incoming / f"{uuid.uuid4().hex}.part"
-        digest = hashlib.sha256()
-        size = 0
+    def _place(self, received: ReceivedFile, relative_path: str) -> WrittenFile:
+        """Rename a finished incoming file to `relative_path` and sync its folder."""
+        final = self.root / relative_path
         try:
-            with temporary.open("wb") as stream:
-                os.fchmod(stream.fileno(), 0o600)
-                for chunk in chunks:
-                    stream.write(chunk)
-                    digest.update(chunk)
-                    size += len(chunk)
-                stream.flush()
-                if self.fsync:
-                    os.fsync(stream.fileno())
-            relative_path = name(digest.hexdigest())
-            final = self.root / relative_path
-            self._move(temporary, final)
+            self._move(received.path, final)
         except BaseException:
-            temporary.unlink(missing_ok=True)
+            received.path.unlink(missing_ok=True)
             raise
         if self.fsync:
             _fsync_folder(final.parent)
-        return WrittenFile(relative_path=relative_path, size=size, sha256=digest.hexdigest())
+        return WrittenFile(relative_path, received.size, received.sha256)
 
     def _make_folders(self, folder: Path) -> None:
         """Create `folder` and its missing parents, syncing each new entry."""
@@ -196,6 +216,10 @@ class Storage:
             except FileNotFoundError:
                 continue  # its writer finished (renamed) or gave up meanwhile
         return removed
+
+
+def _private(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)
 
 
 def _fsync_folder(folder: Path) -> None:

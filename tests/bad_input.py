@@ -121,15 +121,21 @@ def closed_by_peer(connection: socket.socket) -> bytes:
     return received
 
 
-def association_request(calling_ae: str, pdu_length_error: int = 0) -> bytes:
-    """A minimal A-ASSOCIATE-RQ for CT Image Storage; `pdu_length_error` corrupts its length."""
-    application_context = _item(0x10, b"1.2.840.10008.3.1.1.1")
+def association_request(
+    calling_ae: str,
+    pdu_length_error: int = 0,
+    protocol_version: int = 1,
+    application_context_name: bytes = b"1.2.840.10008.3.1.1.1",
+) -> bytes:
+    """A minimal A-ASSOCIATE-RQ for CT Image Storage (context 1, explicit VR little
+    endian); `pdu_length_error` corrupts its length."""
+    application_context = _item(0x10, application_context_name)
     abstract = _item(0x30, b"1.2.840.10008.5.1.4.1.1.2")
     transfer = _item(0x40, b"1.2.840.10008.1.2.1")
     presentation = _item(0x20, bytes([1, 0, 0, 0]) + abstract + transfer)
     user = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
     body = (
-        struct.pack(">HH", 1, 0)
+        struct.pack(">HH", protocol_version, 0)
         + b"PACSNODE".ljust(16)
         + calling_ae.encode().ljust(16)
         + b"\0" * 32

@@ -81,7 +81,6 @@ def node(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> Iterator
                 "PACS_NODE_DICOM__ALLOWED_CALLING_AES": str(ALLOWED).replace("'", '"'),
                 "PACS_NODE_DICOM__ACSE_TIMEOUT_SECONDS": str(NETWORK_TIMEOUT),
                 "PACS_NODE_DICOM__NETWORK_TIMEOUT_SECONDS": str(NETWORK_TIMEOUT),
-                "PACS_NODE_DICOM__DIMSE_TIMEOUT_SECONDS": str(NETWORK_TIMEOUT),
             },
         ) as running,
     ):

@@ -30,11 +30,13 @@ def queue_one_slice_series(store: JobStore, storage: Storage, count: int) -> Non
         template.SOPInstanceUID = template.file_meta.MediaStorageSOPInstanceUID = generate_uid()
         buffer = io.BytesIO()
         template.save_as(buffer, enforce_file_format=True)
-        written = storage.write_instance(
+        incoming = storage.incoming_file()
+        incoming.write(buffer.getvalue())
+        written = storage.adopt_instance(
             template.StudyInstanceUID,
             template.SeriesInstanceUID,
             template.SOPInstanceUID,
-            [buffer.getvalue()],
+            incoming.finish(),
         )
         store.record_instance(
             NewInstance(

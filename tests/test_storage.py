@@ -15,15 +15,20 @@ from pacs_node.errors import BadInstanceError
 from pacs_node.storage import Storage, check_uid
 
 
-def test_write_is_atomic_private_and_hashed(tmp_path: Path) -> None:
+def test_a_received_instance_is_placed_privately_under_the_hash_of_what_follows_its_header(
+    tmp_path: Path,
+) -> None:
     storage = Storage(tmp_path / "root")
-    written = storage.write_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", [b"abc", memoryview(b"def")])
+    incoming = storage.incoming_file(header=b"META")
+    incoming.write(b"abc")
+    incoming.write(memoryview(b"def"))
+    written = storage.adopt_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish())
     digest = hashlib.sha256(b"abcdef").hexdigest()
     assert written.relative_path == f"instances/1.2.3/1.2.3.4/1.2.3.4.5.{digest[:16]}.dcm"
     path = storage.absolute(written.relative_path)
-    assert path.read_bytes() == b"abcdef"
-    assert written.size == 6
-    assert written.sha256 == hashlib.sha256(b"abcdef").hexdigest()
+    assert path.read_bytes() == b"METAabcdef"
+    assert written.size == 10
+    assert written.sha256 == digest
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert stat.S_IMODE(storage.root.stat().st_mode) == 0o700
     assert not list(storage.incoming.iterdir())

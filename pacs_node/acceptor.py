@@ -1,0 +1,645 @@
+"""The DICOM upper layer as an association acceptor (PS3.8), for C-ECHO and C-STORE.
+
+Why not pynetdicom's AE server: it runs two threads per association that poll
+queues every millisecond and reads PDUs 4 KiB at a time; at half a megabyte
+per CT slice that costs about 3 ms of CPU per instance, more than the node's
+whole durable write (measured, see the README). Here one thread serves one
+association with blocking reads, and a data set's fragments go from the socket
+straight into the service's file, never held whole in memory.
+
+pynetdicom still does the intricate parts: it decodes the A-ASSOCIATE-RQ and
+encodes the A-ASSOCIATE-AC (`pynetdicom.pdu`) and negotiates the presentation
+contexts (`negotiate_as_acceptor`). This module frames PDUs and PDVs (PS3.8
+9.3), reads and writes DIMSE command sets (PS3.7 9.3, 10.3, E), and answers
+any protocol error with an A-ABORT. No asynchronous operations window is
+offered, so a peer sends one request at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import socket
+import socketserver
+import ssl
+import struct
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+from pynetdicom.pdu import A_ASSOCIATE_AC, A_ASSOCIATE_RQ
+from pynetdicom.pdu_primitives import (
+    A_ASSOCIATE,
+    ImplementationClassUIDNotification,
+    ImplementationVersionNameNotification,
+    MaximumLengthNotification,
+)
+from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
+
+from pacs_node import __version__
+
+log = logging.getLogger(__name__)
+
+# The node's own implementation identity (PS3.7 D.3.3.2), a fixed 2.25 UID.
+IMPLEMENTATION_CLASS_UID = f"2.25.{uuid.uuid5(uuid.NAMESPACE_URL, 'urn:pacs-node').int}"
+IMPLEMENTATION_VERSION_NAME = f"PACSNODE_{__version__}"[:16]
+APPLICATION_CONTEXT = "1.2.840.10008.3.1.1.1"
+
+# PDU types (PS3.8 9.3.1).
+_ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
+_P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
+_PDU_HEADER = struct.Struct(">BxL")
+_PDV_HEADER = struct.Struct(">LBB")
+# A-ABORT provider reasons (PS3.8 9.3.8).
+_NOT_SPECIFIED, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x00, 0x02, 0x06
+# Command fields and the "no data set" marker (PS3.7 E.1).
+_C_STORE_RQ, _C_ECHO_RQ, _C_CANCEL_RQ, _RESPONSE = 0x0001, 0x0030, 0x0FFF, 0x8000
+_NO_DATA_SET = 0x0101
+# Bounds on what a peer may make this process hold in memory.
+_MAX_REQUEST_BYTES = 1 << 20
+_MAX_COMMAND_BYTES = 1 << 16
+_READ_BUFFER_BYTES = 1 << 20
+# How long a closing connection waits for the peer to close its side.
+_CLOSE_WAIT_SECONDS = 2.0
+
+
+class Status(NamedTuple):
+    """A DIMSE status and, for failures, the Error Comment sent with it."""
+
+    code: int
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Association:
+    calling_ae: str
+    called_ae: str
+    address: str
+    port: int
+    rejected_abstract_syntaxes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class StoreRequest:
+    association: Association
+    sop_class_uid: str
+    sop_instance_uid: str
+    transfer_syntax_uid: str
+
+
+class DataSetSink(Protocol):
+    """Where a C-STORE's data set goes, fragment by fragment."""
+
+    def write(self, fragment: memoryview) -> None: ...
+
+    def finish(self) -> Status:
+        """The data set is complete: store it and say how that went."""
+        ...
+
+    def discard(self) -> None:
+        """The transfer broke off: keep nothing."""
+        ...
+
+
+class Service(Protocol):
+    def refusal(self, calling_ae: str, address: str) -> str | None:
+        """A reason to reject an association request from this peer, or None."""
+        ...
+
+    def opened(self, association: Association) -> None: ...
+
+    def closed(self, association: Association, how: str, reason: str) -> None: ...
+
+    def prepare_store(self, request: StoreRequest, header: bytes) -> DataSetSink | Status:
+        """A sink for the data set that follows (`header` goes in front), or a refusal."""
+        ...
+
+
+class ProtocolError(Exception):
+    """The peer broke PS3.8/PS3.7: the association is aborted."""
+
+    def __init__(self, message: str, reason: int = _UNEXPECTED_PDU) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PeerClosedError(Exception):
+    """The connection ended where the protocol expected more."""
+
+
+@dataclass(frozen=True)
+class AcceptorSettings:
+    max_associations: int
+    acse_timeout_seconds: float
+    network_timeout_seconds: float
+    maximum_pdu_bytes: int
+    tls: ssl.SSLContext | None
+
+
+class Acceptor:
+    """Listens on a port; one thread per association."""
+
+    def __init__(
+        self,
+        settings: AcceptorSettings,
+        service: Service,
+        contexts: Sequence[tuple[str, Sequence[str]]],
+    ) -> None:
+        self.settings = settings
+        self.service = service
+        self.contexts = [build_context(abstract, list(syntaxes)) for abstract, syntaxes in contexts]
+        self._lock = threading.Lock()
+        self._connections: set[socket.socket] = set()
+        self._established = 0
+        self._server: _Server | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self, bind: str, port: int) -> None:
+        acceptor = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self) -> None:
+                acceptor._serve_connection(self.request, self.client_address)
+
+        self._server = _Server((bind, port), Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="dicom-acceptor", daemon=True
+        )
+        self._thread.start()
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("the acceptor is not listening")
+        return int(self._server.server_address[1])
+
+    def stop(self) -> None:
+        """Stop listening and cut the open connections (their threads then end)."""
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        self._server = None
+        with self._lock:
+            for connection in self._connections:
+                with contextlib.suppress(OSError):  # already closed by the peer
+                    connection.shutdown(socket.SHUT_RDWR)
+
+    def _serve_connection(self, raw: socket.socket, address: tuple[str, int]) -> None:
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # responses are tiny
+        raw.settimeout(self.settings.acse_timeout_seconds)
+        connection = self._secure(raw, address)  # with TLS, `raw` is detached from here on
+        if connection is None:
+            raw.close()
+            return
+        with self._lock:
+            self._connections.add(connection)
+        try:
+            _AssociationThread(self, connection, address).run()
+        finally:
+            with self._lock:
+                self._connections.discard(connection)
+            _close(connection)
+
+    def _secure(self, raw: socket.socket, address: tuple[str, int]) -> socket.socket | None:
+        if self.settings.tls is None:
+            return raw
+        try:
+            secured = self.settings.tls.wrap_socket(raw, server_side=True)
+        except (ssl.SSLError, OSError) as error:
+            log.warning(
+                "connection dropped: TLS handshake failed",
+                extra={"action": "reject", "peer": _peer(address), "reason": str(error)[:200]},
+            )
+            return None
+        return secured
+
+    def _begin_association(self) -> bool:
+        with self._lock:
+            if self._established >= self.settings.max_associations:
+                return False
+            self._established += 1
+            return True
+
+    def _end_association(self) -> None:
+        with self._lock:
+            self._established -= 1
+
+
+class _Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def __init__(
+        self, address: tuple[str, int], handler: type[socketserver.BaseRequestHandler]
+    ) -> None:
+        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
+        super().__init__(address, handler)
+
+
+@dataclass
+class _PendingStore:
+    context_id: int
+    message_id: int
+    request: StoreRequest
+    # Where the data set goes, or the refusal to answer once it has been read.
+    target: DataSetSink | Status
+
+
+class _AssociationThread:
+    """The acceptor's side of one association, from A-ASSOCIATE-RQ to the close."""
+
+    def __init__(
+        self, acceptor: Acceptor, connection: socket.socket, address: tuple[str, int]
+    ) -> None:
+        self.acceptor = acceptor
+        self.settings = acceptor.settings
+        self.connection = connection
+        self.address = address
+        self.association: Association | None = None
+        self.contexts: dict[int, str] = {}  # accepted context ID -> transfer syntax
+        self.peer_maximum_pdu = 0
+        self.command = bytearray()
+        self.pending: _PendingStore | None = None
+        self.buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
+
+    def run(self) -> None:
+        try:
+            if not self._negotiate():
+                return
+        except Exception as error:  # whatever the request was, the service goes on
+            log.warning(
+                "connection dropped before an association",
+                extra={"action": "reject", "peer": _peer(self.address), "reason": _why(error)},
+            )
+            self._abort(getattr(error, "reason", _NOT_SPECIFIED))
+            return
+        assert self.association is not None
+        self.connection.settimeout(self.settings.network_timeout_seconds)
+        how, reason = "aborted", ""
+        try:
+            self.acceptor.service.opened(self.association)
+            how, reason = self._serve_messages()
+        except (ProtocolError, PeerClosedError, OSError) as error:
+            reason = _why(error)
+            self._abort(getattr(error, "reason", _NOT_SPECIFIED))
+        except Exception:
+            log.exception("association failed unexpectedly", extra={"action": "abort"})
+            reason = "internal error"
+            self._abort(_NOT_SPECIFIED)
+        finally:
+            if self.pending is not None and not isinstance(self.pending.target, Status):
+                self.pending.target.discard()
+            self.acceptor._end_association()
+            self.acceptor.service.closed(self.association, how, reason)
+
+    # --- association establishment (PS3.8 7.1) -------------------------------
+
+    def _negotiate(self) -> bool:
+        pdu_type, length = self._read_pdu_header()
+        if pdu_type != _ASSOCIATE_RQ:
+            raise ProtocolError(f"PDU type 0x{pdu_type:02X} instead of A-ASSOCIATE-RQ")
+        if length > _MAX_REQUEST_BYTES:
+            raise ProtocolError("A-ASSOCIATE-RQ too long", _INVALID_PARAMETER)
+        body = self._read_exact(length)
+        request = _decode_request(_PDU_HEADER.pack(pdu_type, length) + body)
+        calling_ae = request.calling_ae_title.strip()
+        supports_version_1 = bool(body[1] & 0x01)
+        rejection = self._rejection(request, calling_ae, supports_version_1)
+        if rejection is not None:
+            result, source, reason, why = rejection
+            log.warning(
+                "association rejected",
+                extra={
+                    "action": "reject",
+                    "peer_ae": calling_ae,
+                    "peer": _peer(self.address),
+                    "reason": why,
+                },
+            )
+            self.connection.sendall(
+                bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
+            )
+            return False
+        results, _ = negotiate_as_acceptor(
+            request.presentation_context_definition_list, self.acceptor.contexts
+        )
+        self.contexts = {
+            int(context.context_id): str(context.transfer_syntax[0])
+            for context in results
+            if context.result == 0 and context.context_id is not None
+        }
+        self.peer_maximum_pdu = next(
+            (
+                int(item.maximum_length_received)
+                for item in request.user_information
+                if isinstance(item, MaximumLengthNotification)
+            ),
+            0,
+        )
+        self.association = Association(
+            calling_ae=calling_ae,
+            called_ae=request.called_ae_title.strip(),
+            address=self.address[0],
+            port=self.address[1],
+            rejected_abstract_syntaxes=tuple(
+                sorted({str(cx.abstract_syntax) for cx in results if cx.result != 0})
+            ),
+        )
+        try:
+            self.connection.sendall(self._accept(request, results))
+        except BaseException:
+            self.acceptor._end_association()
+            raise
+        return True
+
+    def _rejection(
+        self, request: A_ASSOCIATE, calling_ae: str, supports_version_1: bool
+    ) -> tuple[int, int, int, str] | None:
+        """(result, source, reason, why) of an A-ASSOCIATE-RJ (PS3.8 9.3.4), or None.
+
+        Last of all, the association is counted against dicom.max_associations.
+        """
+        if not supports_version_1:
+            return 1, 2, 2, "protocol version not supported"
+        if str(request.application_context_name) != APPLICATION_CONTEXT:
+            return 1, 1, 2, "application context name not supported"
+        refusal = self.acceptor.service.refusal(calling_ae, self.address[0])
+        if refusal is not None:
+            return 1, 1, 3, refusal
+        if not self.acceptor._begin_association():
+            return 2, 3, 2, f"dicom.max_associations ({self.settings.max_associations}) reached"
+        return None
+
+    def _accept(self, request: A_ASSOCIATE, results: list[PresentationContext]) -> bytes:
+        answer = A_ASSOCIATE()
+        answer.application_context_name = APPLICATION_CONTEXT
+        answer.calling_ae_title = request.calling_ae_title
+        answer.called_ae_title = request.called_ae_title
+        answer.result = 0
+        answer.result_source = 1
+        answer.presentation_context_definition_results_list = results
+        maximum = MaximumLengthNotification()
+        maximum.maximum_length_received = self.settings.maximum_pdu_bytes
+        implementation = ImplementationClassUIDNotification()
+        implementation.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+        version = ImplementationVersionNameNotification()
+        version.implementation_version_name = IMPLEMENTATION_VERSION_NAME
+        answer.user_information = [maximum, implementation, version]
+        pdu = A_ASSOCIATE_AC()
+        pdu.from_primitive(answer)
+        return pdu.encode()
+
+    # --- data transfer (PS3.8 9.3.5, PS3.7 9.3) -------------------------------
+
+    def _serve_messages(self) -> tuple[str, str]:
+        while True:
+            pdu_type, length = self._read_pdu_header()
+            if pdu_type == _P_DATA:
+                self._read_p_data(length)
+            elif pdu_type == _RELEASE_RQ:
+                self._read_exact(length)
+                self.connection.sendall(bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+                return "released", ""
+            elif pdu_type == _ABORT:
+                self._read_exact(length)
+                return "aborted", "A-ABORT from the peer"
+            else:
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+
+    def _read_p_data(self, length: int) -> None:
+        remaining = length
+        while remaining:
+            if remaining < _PDV_HEADER.size:
+                raise ProtocolError("P-DATA-TF ends inside a PDV header", _INVALID_PARAMETER)
+            item_length, context_id, control = _PDV_HEADER.unpack(
+                self._read_exact(_PDV_HEADER.size)
+            )
+            if item_length < 2 or item_length + 4 > remaining:
+                raise ProtocolError("PDV length beyond its PDU", _INVALID_PARAMETER)
+            remaining -= 4 + item_length
+            if context_id not in self.contexts:
+                raise ProtocolError(f"presentation context {context_id} was not accepted")
+            is_command, is_last = bool(control & 0x01), bool(control & 0x02)
+            if is_command:
+                self._read_command_fragment(context_id, item_length - 2, is_last)
+            else:
+                self._read_data_set_fragment(context_id, item_length - 2, is_last)
+
+    def _read_command_fragment(self, context_id: int, length: int, is_last: bool) -> None:
+        if self.pending is not None:
+            raise ProtocolError("a command arrived before the previous data set ended")
+        if len(self.command) + length > _MAX_COMMAND_BYTES:
+            raise ProtocolError("command set too long", _INVALID_PARAMETER)
+        self.command += self._read_exact(length)
+        if is_last:
+            command = _decode_command(bytes(self.command))
+            self.command.clear()
+            self._on_command(context_id, command)
+
+    def _read_data_set_fragment(self, context_id: int, length: int, is_last: bool) -> None:
+        pending = self.pending
+        if pending is None or pending.context_id != context_id:
+            raise ProtocolError("data set fragment without its command")
+        while length:
+            chunk = self.buffer[: min(length, len(self.buffer))]
+            received = self.connection.recv_into(chunk)
+            if not received:
+                raise PeerClosedError("connection closed inside a data set")
+            if not isinstance(pending.target, Status):
+                pending.target.write(chunk[:received])
+            length -= received
+        if is_last:
+            self.pending = None
+            target = pending.target
+            status = target if isinstance(target, Status) else target.finish()
+            self._respond(context_id, _C_STORE_RQ, pending.message_id, pending.request, status)
+
+    def _on_command(self, context_id: int, command: dict[int, bytes]) -> None:
+        field = _unsigned(command, 0x0100)
+        if field == _C_CANCEL_RQ:
+            return  # nothing to cancel: every request here is answered at once
+        message_id = _unsigned(command, 0x0110)
+        has_data_set = _unsigned(command, 0x0800) != _NO_DATA_SET
+        assert self.association is not None
+        if field == _C_ECHO_RQ and not has_data_set:
+            log.debug("C-ECHO", extra={"action": "echo", "peer_ae": self.association.calling_ae})
+            self._respond(context_id, _C_ECHO_RQ, message_id, None, Status(0))
+        elif field == _C_STORE_RQ and has_data_set:
+            request = StoreRequest(
+                association=self.association,
+                sop_class_uid=_text(command, 0x0002),
+                sop_instance_uid=_text(command, 0x1000),
+                transfer_syntax_uid=self.contexts[context_id],
+            )
+            target = self.acceptor.service.prepare_store(request, file_meta_header(request))
+            self.pending = _PendingStore(context_id, message_id, request, target)
+        else:
+            raise ProtocolError(f"DIMSE command 0x{field:04X} is not supported on this node")
+
+    def _respond(
+        self,
+        context_id: int,
+        request_field: int,
+        message_id: int,
+        request: StoreRequest | None,
+        status: Status,
+    ) -> None:
+        command = _encode_response(request_field, message_id, request, status)
+        # A P-DATA-TF holds at most the peer's maximum PDU length: PDV header + value.
+        room = self.peer_maximum_pdu - _PDV_HEADER.size if self.peer_maximum_pdu else len(command)
+        room = max(room, 1)
+        fragments = [command[start : start + room] for start in range(0, len(command), room)]
+        for index, fragment in enumerate(fragments):
+            control = 0x03 if index == len(fragments) - 1 else 0x01
+            pdv = _PDV_HEADER.pack(len(fragment) + 2, context_id, control) + fragment
+            self.connection.sendall(_PDU_HEADER.pack(_P_DATA, len(pdv)) + pdv)
+
+    # --- the socket -------------------------------------------------------------
+
+    def _read_pdu_header(self) -> tuple[int, int]:
+        pdu_type, length = _PDU_HEADER.unpack(self._read_exact(_PDU_HEADER.size))
+        return int(pdu_type), int(length)
+
+    def _read_exact(self, length: int) -> bytes:
+        data = bytearray(length)
+        view = memoryview(data)
+        while view:
+            received = self.connection.recv_into(view)
+            if not received:
+                raise PeerClosedError("connection closed inside a PDU")
+            view = view[received:]
+        return bytes(data)
+
+    def _abort(self, reason: int) -> None:
+        with contextlib.suppress(OSError):  # the peer is gone already
+            self.connection.sendall(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, reason]))
+
+
+def _decode_request(pdu: bytes) -> A_ASSOCIATE:
+    """Decode an A-ASSOCIATE-RQ, refusing one whose items do not fill it exactly."""
+    # Fixed fields are 68 bytes after the PDU header; items follow (PS3.8 9.3.2).
+    offset = 6 + 68
+    while offset < len(pdu):
+        if offset + 4 > len(pdu):
+            raise ProtocolError("A-ASSOCIATE-RQ item header cut short", _INVALID_PARAMETER)
+        offset += 4 + int.from_bytes(pdu[offset + 2 : offset + 4], "big")
+    if offset != len(pdu):
+        raise ProtocolError("malformed A-ASSOCIATE-RQ", _INVALID_PARAMETER)
+    decoded = A_ASSOCIATE_RQ()
+    try:
+        decoded.decode(pdu)
+        return decoded.to_primitive()
+    except Exception as error:  # pynetdicom asserts, or raises various errors
+        raise ProtocolError(f"undecodable A-ASSOCIATE-RQ ({type(error).__name__})") from error
+
+
+# --- DIMSE command sets: Implicit VR Little Endian, group 0000 (PS3.7 6.3.1) -----
+
+
+def _decode_command(data: bytes) -> dict[int, bytes]:
+    elements: dict[int, bytes] = {}
+    offset = 0
+    while offset < len(data):
+        if offset + 8 > len(data):
+            raise ProtocolError("command set ends inside an element header", _INVALID_PARAMETER)
+        group, element, length = struct.unpack_from("<HHL", data, offset)
+        offset += 8
+        if group != 0x0000 or offset + length > len(data):
+            raise ProtocolError("malformed command set", _INVALID_PARAMETER)
+        elements[element] = data[offset : offset + length]
+        offset += length
+    return elements
+
+
+def _unsigned(command: dict[int, bytes], element: int) -> int:
+    value = command.get(element)
+    if value is None or len(value) != 2:
+        raise ProtocolError(f"command element (0000,{element:04X}) missing or not US")
+    return int.from_bytes(value, "little")
+
+
+def _text(command: dict[int, bytes], element: int) -> str:
+    value = command.get(element)
+    if value is None:
+        raise ProtocolError(f"command element (0000,{element:04X}) missing")
+    return value.decode("ascii", "replace").rstrip("\0 ")
+
+
+def _encode_response(
+    request_field: int, message_id: int, request: StoreRequest | None, status: Status
+) -> bytes:
+    sop_class = request.sop_class_uid if request else "1.2.840.10008.1.1"
+    elements = [
+        _element(0x0002, _padded(sop_class, b"\0")),
+        _element(0x0100, (request_field | _RESPONSE).to_bytes(2, "little")),
+        _element(0x0120, message_id.to_bytes(2, "little")),
+        _element(0x0800, _NO_DATA_SET.to_bytes(2, "little")),
+        _element(0x0900, status.code.to_bytes(2, "little")),
+    ]
+    if status.comment:
+        # LO: 64 characters of the default repertoire, no backslash.
+        comment = status.comment.replace("\\", "/")[:64]
+        elements.append(_element(0x0902, _padded(comment, b" ")))
+    if request is not None:
+        elements.append(_element(0x1000, _padded(request.sop_instance_uid, b"\0")))
+    body = b"".join(elements)
+    return _element(0x0000, len(body).to_bytes(4, "little")) + body
+
+
+def _element(element: int, value: bytes) -> bytes:
+    return struct.pack("<HHL", 0x0000, element, len(value)) + value
+
+
+def _padded(text: str, pad: bytes) -> bytes:
+    data = text.encode("ascii", "replace")
+    return data + pad if len(data) % 2 else data
+
+
+# --- File Meta Information: Explicit VR Little Endian, group 0002 (PS3.10 7.1) --
+
+
+def file_meta_header(request: StoreRequest) -> bytes:
+    """Preamble, DICM prefix and File Meta Information for a received data set."""
+    elements = (
+        _explicit(0x0001, b"OB", b"\x00\x01")
+        + _explicit(0x0002, b"UI", _padded(request.sop_class_uid, b"\0"))
+        + _explicit(0x0003, b"UI", _padded(request.sop_instance_uid, b"\0"))
+        + _explicit(0x0010, b"UI", _padded(request.transfer_syntax_uid, b"\0"))
+        + _explicit(0x0012, b"UI", _padded(IMPLEMENTATION_CLASS_UID, b"\0"))
+        + _explicit(0x0013, b"SH", _padded(IMPLEMENTATION_VERSION_NAME, b" "))
+    )
+    group_length = _explicit(0x0000, b"UL", len(elements).to_bytes(4, "little"))
+    return b"\0" * 128 + b"DICM" + group_length + elements
+
+
+def _explicit(element: int, vr: bytes, value: bytes) -> bytes:
+    if vr == b"OB":
+        return struct.pack("<HH2s2xL", 0x0002, element, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, element, vr, len(value)) + value
+
+
+def _close(connection: socket.socket) -> None:
+    """Close after the peer has read what was sent: unread input would make the
+    kernel answer with a reset, which can destroy an A-ABORT still in transit."""
+    with contextlib.suppress(OSError):
+        connection.shutdown(socket.SHUT_WR)
+        deadline = time.monotonic() + _CLOSE_WAIT_SECONDS
+        while (left := deadline - time.monotonic()) > 0:
+            connection.settimeout(left)
+            if not connection.recv(65536):
+                break
+    connection.close()
+
+
+def _peer(address: tuple[str, int]) -> str:
+    return f"{address[0]}:{address[1]}"
+
+
+def _why(error: Exception) -> str:
+    if isinstance(error, TimeoutError):
+        return "network timeout"
+    return str(error) or type(error).__name__
