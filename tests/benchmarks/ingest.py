@@ -1,12 +1,14 @@
 """Ingest benchmark: 300 CT instances by DCMTK storescu into three receivers.
 
-    .venv/bin/python -m tests.benchmarks.ingest [--rounds 3] [--associations 1]
+    .venv/bin/python -m tests.benchmarks.ingest [--rounds 3] [--associations 1 4]
 
 Receivers: DCMTK storescp (the native reference), pynetdicom's stock
 storescp app, and `pacs-node serve --stages receive` with its durable
 defaults (fsync + database row per instance). The receivers run in
 alternating order, round after round, so that drifts of this machine hit all
 of them alike; the ratios are taken per round, then their median printed.
+With several association counts, each receiver is measured at each of them,
+and the node's rate with N associations is compared with its rate with one.
 """
 
 from __future__ import annotations
@@ -45,54 +47,74 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--associations", type=int, default=1)
+    parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-ingest-") as scratch:
         root = Path(scratch)
         files = make_instances(root / "data", arguments.images)
         model = tiny_artifact(root / "model")
-        results: dict[str, list[Measurement]] = defaultdict(list)
+        results: Results = defaultdict(list)
         for round_number in range(arguments.rounds):
-            receivers: list[Receiver] = [
-                DcmtkStoreSCP(root / f"dcmtk-{round_number}"),
-                PynetdicomStoreSCP(root / f"pynetdicom-{round_number}"),
-                PacsNodeReceive(root / f"node-{round_number}", model),
-            ]
-            if round_number % 2:
-                receivers.reverse()
-            for receiver in receivers:
-                receiver.start()
-                try:
-                    results[receiver.name].append(send(receiver, files, arguments.associations))
-                finally:
-                    receiver.stop()
+            for associations in arguments.associations:
+                receivers: list[Receiver] = [
+                    DcmtkStoreSCP(root / f"dcmtk-{round_number}-{associations}"),
+                    PynetdicomStoreSCP(root / f"pynetdicom-{round_number}-{associations}"),
+                    PacsNodeReceive(root / f"node-{round_number}-{associations}", model),
+                ]
+                if round_number % 2:
+                    receivers.reverse()
+                for receiver in receivers:
+                    receiver.start()
+                    try:
+                        measurement = send(receiver, files, associations)
+                    finally:
+                        receiver.stop()
+                    results[receiver.name, associations].append(measurement)
         print_table(results, arguments)
     return 0
 
 
-def print_table(results: dict[str, list[Measurement]], arguments: argparse.Namespace) -> None:
+# (receiver name, associations) -> one measurement per round
+Results = dict[tuple[str, int], list[Measurement]]
+
+
+def print_table(results: Results, arguments: argparse.Namespace) -> None:
+    print(f"{arguments.images} instances, {arguments.rounds} round(s); medians")
     print(
-        f"{arguments.images} instances, {arguments.associations} association(s), "
-        f"{arguments.rounds} round(s); medians"
+        f"{'receiver':<22} {'assocs':>6} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} "
+        f"{'peak RSS MB':>12}"
     )
-    print(f"{'receiver':<22} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} {'peak RSS MB':>12}")
-    for name, runs in results.items():
+    for (name, associations), runs in results.items():
         print(
-            f"{name:<22} {statistics.median(r.images_per_second for r in runs):>9.1f} "
+            f"{name:<22} {associations:>6} "
+            f"{statistics.median(r.images_per_second for r in runs):>9.1f} "
             f"{statistics.median(r.megabytes_per_second for r in runs):>7.1f} "
             f"{statistics.median(r.cpu_seconds for r in runs):>7.2f} "
             f"{max(r.peak_rss_mb for r in runs):>12.0f}"
         )
-    node = results["pacs-node receive"]
-    for reference in ("dcmtk storescp", "pynetdicom storescp"):
-        ratios = [
-            mine.images_per_second / theirs.images_per_second
-            for mine, theirs in zip(node, results[reference], strict=True)
-        ]
-        print(
-            f"ratio node/{reference.split()[0]}: {statistics.median(ratios):.2f} "
-            f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+    node = "pacs-node receive"
+    for associations in arguments.associations:
+        for reference in ("dcmtk storescp", "pynetdicom storescp"):
+            print_ratio(
+                f"node/{reference.split()[0]}, {associations} association(s)",
+                results[node, associations],
+                results[reference, associations],
+            )
+    single = arguments.associations[0]
+    for associations in arguments.associations[1:]:
+        print_ratio(
+            f"node {associations} associations / node {single}",
+            results[node, associations],
+            results[node, single],
         )
+
+
+def print_ratio(label: str, mine: list[Measurement], theirs: list[Measurement]) -> None:
+    ratios = [a.images_per_second / b.images_per_second for a, b in zip(mine, theirs, strict=True)]
+    print(
+        f"ratio {label}: {statistics.median(ratios):.2f} "
+        f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+    )
 
 
 if __name__ == "__main__":

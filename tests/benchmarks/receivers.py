@@ -127,9 +127,17 @@ class PynetdicomStoreSCP(Receiver):
 class PacsNodeReceive(Receiver):
     name = "pacs-node receive"
 
-    def __init__(self, workdir: Path, model: Path) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        model: Path,
+        stages: str = "receive",
+        settings: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(workdir)
-        self.node = NodeProcess(workdir / "var", model, port=self.port, stages="receive")
+        self.node = NodeProcess(
+            workdir / "var", model, port=self.port, stages=stages, settings=settings
+        )
         self.ae_title = "PACSNODE"
 
     def start(self) -> None:

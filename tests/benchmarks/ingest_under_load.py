@@ -1,0 +1,91 @@
+"""Ingest while a series is being classified, against the same node idle.
+
+    .venv/bin/python -m tests.benchmarks.ingest_under_load [--rounds 3] [--slices 300]
+
+One `pacs-node serve` (all stages, the bundled model, CPU) per round. First
+300 fresh instances go in while the node is idle; then a long series goes
+in, completes by content, and as soon as its inference is queued another
+300 fresh instances go in. A busy measurement counts only if the series was
+still being classified when its last instance was acknowledged. The ratio
+busy/idle says how much classification slows receiving.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+from pathlib import Path
+
+from pacs_node.config import BUNDLED_MODEL
+from tests.benchmarks.ingest import make_instances
+from tests.benchmarks.receivers import Measurement, PacsNodeReceive, send
+from tests.benchmarks.series import long_series
+from tests.polling import wait_for
+
+QUEUED = "queued for inference"
+CLASSIFIED = "series classified"
+
+
+def measure_round(root: Path, slices: int, images: int) -> tuple[Measurement, Measurement, bool]:
+    """(idle, busy, whether the busy run overlapped classification throughout)."""
+    node = PacsNodeReceive(
+        root / "node",
+        BUNDLED_MODEL,
+        stages="receive,infer,send",
+        # Only the long series' content completes it; the fresh ones wait.
+        settings={"PACS_NODE_SERIES__QUIET_SECONDS": "600"},
+    )
+    node.start()
+    try:
+        idle = send(node, make_instances(root / "idle", images))
+        load = long_series(root / "load", slices)
+        fresh = make_instances(root / "busy", images)
+        send(node, load)
+        wait_for(lambda: node.node.has_logged(QUEUED), 60, "the long series to be queued")
+        busy = send(node, fresh)
+        overlapped = not node.node.has_logged(CLASSIFIED)
+        wait_for(lambda: node.node.has_logged(CLASSIFIED), 300, "the long series' result")
+    finally:
+        node.stop()
+    return idle, busy, overlapped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--images", type=int, default=300)
+    arguments = parser.parse_args(argv)
+    rows: list[tuple[Measurement, Measurement, bool]] = []
+    for round_number in range(arguments.rounds):
+        with tempfile.TemporaryDirectory(prefix="pacs-node-under-load-") as scratch:
+            rows.append(measure_round(Path(scratch), arguments.slices, arguments.images))
+        idle, busy, overlapped = rows[-1]
+        print(
+            f"round {round_number + 1}: idle {idle.images_per_second:.1f} images/s "
+            f"({idle.cpu_seconds:.2f} CPU s), busy {busy.images_per_second:.1f} images/s "
+            f"({busy.cpu_seconds:.2f} CPU s), classification overlapped: {overlapped}"
+        )
+    valid = [(idle, busy) for idle, busy, overlapped in rows if overlapped]
+    print(
+        f"{arguments.images} instances into `serve` (all stages), idle and while a "
+        f"{arguments.slices}-slice series is classified; {len(valid)} of {len(rows)} rounds "
+        "overlapped"
+    )
+    if not valid:
+        print("no round overlapped classification: use more --slices")
+        return 1
+    ratios = [busy.images_per_second / idle.images_per_second for idle, busy in valid]
+    print(f"peak RSS of serve: {max(busy.peak_rss_mb for _, busy in valid):.0f} MB")
+    print(
+        f"ratio busy/idle: {statistics.median(ratios):.2f} "
+        f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
