@@ -118,6 +118,7 @@ def _serve(settings: Settings, stages: list[str]) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     node.start()
+    log.info(f"pacs-node {__version__} ready: {node.describe()}", extra={"action": "ready"})
     try:
         stop.wait()
     finally:

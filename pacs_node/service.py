@@ -1,10 +1,12 @@
-"""`serve`: run the chosen stages in one process until told to stop.
+"""`serve`: run the chosen stages until told to stop.
 
 Stages never call each other; they meet in the job store and the storage
-root. In one process the only link is a pair of wake-up events, so a series
-that completes is picked up at once instead of at the next poll. Every
-process also runs the periodic work (series completion sweep, lease reaper,
-retention): all are safe to run from many processes at once.
+root. Within one `serve` the only link is a pair of wake-up events, so a
+series that completes is picked up at once instead of at the next poll. A
+`serve` that receives runs its infer stage in a child process (see
+`infer_process`). Every process also runs the periodic work (series
+completion sweep, lease reaper, retention): all are safe to run from many
+processes at once.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from pacs_node import __version__
 from pacs_node.admission import Admission
 from pacs_node.assembler import Assembler
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
+from pacs_node.infer_process import InferProcess, ModelInfo, PipeWake
 from pacs_node.receiver import Receiver
 from pacs_node.report import ReportingNode
 from pacs_node.retention import Retention
@@ -33,6 +36,18 @@ from pacs_node.store import JobStatus, JobStore
 log = logging.getLogger(__name__)
 
 STAGES = ("receive", "infer", "send")
+# How often a `serve` checks that its infer process is still running.
+WATCH_SECONDS = 10.0
+
+
+class Wake(Protocol):
+    """A wake-up event: threading.Event, or PipeWake across processes."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
 
 
 def open_store(settings: Settings) -> JobStore:
@@ -80,7 +95,13 @@ def reporting_node(settings: Settings) -> ReportingNode:
 
 
 class Node:
-    def __init__(self, settings: Settings, stages: Sequence[str] = STAGES) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        stages: Sequence[str] = STAGES,
+        wakes: tuple[Wake, Wake] | None = None,
+    ) -> None:
+        """`wakes`: the (infer, send) events shared with a parent `serve`, if any."""
         unknown = sorted(set(stages) - set(STAGES))
         if unknown or not stages:
             raise ConfigurationError(
@@ -89,8 +110,16 @@ class Node:
         self.settings = settings
         self.stages = tuple(stage for stage in STAGES if stage in stages)
         self._stopping = threading.Event()
-        self._infer_wake = threading.Event()
-        self._send_wake = threading.Event()
+        # A node that receives keeps CPU-heavy classification in another process.
+        self._infer_elsewhere = "infer" in self.stages and "receive" in self.stages
+        self._infer_process: InferProcess | None = None
+        self._shared_wakes = (PipeWake(), PipeWake()) if self._infer_elsewhere else None
+        self._infer_wake: Wake
+        self._send_wake: Wake
+        self._infer_wake, self._send_wake = (
+            wakes or self._shared_wakes or (threading.Event(), threading.Event())
+        )
+        self.model: ModelInfo | None = None
         self._threads: list[threading.Thread] = []
         self._scheduler = BackgroundScheduler(timezone="UTC")
         self.receiver: Receiver | None = None
@@ -98,6 +127,14 @@ class Node:
 
     def start(self) -> None:
         """Start everything, or raise `PacsNodeError` having started nothing."""
+        try:
+            self._start()
+        except BaseException:
+            if self._infer_process is not None:
+                self._infer_process.stop()
+            raise
+
+    def _start(self) -> None:
         settings = self.settings
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # Load the model before opening the port: a node that cannot classify
@@ -105,11 +142,17 @@ class Node:
         # torch costs ~1 GB of memory and seconds of start-up, which receive-
         # and send-only processes never need.
         classifier = None
-        if "infer" in self.stages:
+        if self._shared_wakes is not None:
+            self._infer_process = InferProcess(settings, *self._shared_wakes)
+            self.model = self._infer_process.start()
+        elif "infer" in self.stages:
             from pacs_node.inference import load_classifier
             from pacs_node.worker import InferenceStage
 
             classifier = load_classifier(settings)
+            self.model = ModelInfo(
+                classifier.predictor.manifest.model_id, str(classifier.predictor.device)
+            )
         storage = Storage(settings.storage.root, settings.storage.fsync)
         # A transfer stalls at most network_timeout between fragments; a file
         # in incoming/ untouched for much longer has no live writer.
@@ -210,19 +253,30 @@ class Node:
         self._scheduler.start()
         for thread in self._threads:
             thread.start()
-        model = classifier.predictor.manifest.model_id if classifier else "none"
-        device = str(classifier.predictor.device) if classifier else "none"
+        if self._infer_process is not None:
+            self._scheduler.add_job(
+                self._watch_infer_process,
+                "interval",
+                seconds=WATCH_SECONDS,
+                max_instances=1,
+                coalesce=True,
+                id="watch-infer",
+            )
+
+    def describe(self) -> str:
+        """What runs, for the ready line: stages, port, model, destinations."""
+        settings = self.settings
+        model = self.model.model_id if self.model else "none"
+        device = self.model.device if self.model else "none"
         listening = (
             f"{settings.dicom.ae_title}@{settings.dicom.bind}:{self.receiver.port}"
             + (" (TLS)" if settings.dicom.tls.enabled else "")
             if self.receiver
             else "no"
         )
-        log.info(
-            f"pacs-node {__version__} ready: stages {','.join(self.stages)}; "
-            f"listening {listening}; model {model} on {device}; "
-            f"{len(settings.results.destinations)} destination(s)",
-            extra={"action": "ready"},
+        return (
+            f"stages {','.join(self.stages)}; listening {listening}; model {model} on {device}; "
+            f"{len(settings.results.destinations)} destination(s)"
         )
 
     def stop(self) -> None:
@@ -234,11 +288,31 @@ class Node:
             self.receiver.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
+        if self._infer_process is not None:
+            self._infer_process.stop()
         for thread in self._threads:
             thread.join()
         if self.store is not None:
             self.store.close()
         log.info("pacs-node stopped", extra={"action": "stop"})
+
+    def _watch_infer_process(self) -> None:
+        """Restart a crashed infer process: receiving alone would only fill the queue."""
+        assert self._infer_process is not None
+        code = self._infer_process.exit_code
+        if code is None or self._stopping.is_set():
+            return
+        log.error(
+            f"infer process exited with code {code}; restarting it", extra={"action": "infer"}
+        )
+        self._infer_process.stop()
+        try:
+            self._infer_process.start()
+        except PacsNodeError as error:
+            log.error(
+                "infer process failed to start; trying again",
+                extra={"action": "infer", "reason": str(error)},
+            )
 
     def _sweep_with(self, assembler: Assembler) -> Callable[[], None]:
         def sweep() -> None:
@@ -256,7 +330,7 @@ class Node:
         self,
         name: str,
         run_once: Callable[[], bool],
-        wake: threading.Event,
+        wake: Wake,
         after_work: Callable[[], None] = lambda: None,
     ) -> None:
         poll = self.settings.queue.poll_seconds

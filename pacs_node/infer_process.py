@@ -1,0 +1,159 @@
+"""The infer stage of a `serve` that also receives: in a child process, at a lower CPU priority.
+
+Why: classification keeps every core of a small server busy and holds the GIL
+for its Python work (reading, decoding, preprocessing). In the receiving
+process it halved the ingest rate while a series was classified (measured with
+`tests.benchmarks.ingest_under_load`). In its own process at `inference.nice`,
+it gets the CPU the receiver leaves, and torch's memory stays out of the
+process that answers C-STOREs.
+
+The child is an ordinary infer-only `Node`; the two processes meet in the job
+store like any scale-out, plus the two wake-up events, so that a completed
+series is picked up at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import multiprocessing
+import os
+import select
+import signal
+import threading
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+
+from pacs_node.config import Settings
+from pacs_node.errors import ConfigurationError, PacsNodeError
+from pacs_node.logs import configure_logging
+
+log = logging.getLogger(__name__)
+
+_CONTEXT = multiprocessing.get_context("spawn")
+# How long the child may take to load its model and report.
+START_TIMEOUT_SECONDS = 600.0
+# How often the child checks that its parent is still there.
+_PARENT_CHECK_SECONDS = 1.0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ready line says about the model."""
+
+    model_id: str
+    device: str
+
+
+class PipeWake:
+    """A wake-up event that works across processes, over a pipe.
+
+    Not multiprocessing's Event: its internal lock, held by a process killed
+    at the wrong moment, would hang the other process for good. A pipe has no
+    lock; a pending wake-up is a byte waiting in it.
+    """
+
+    def __init__(self) -> None:
+        # Connection objects only carry the two ends to the child (spawn pickles them).
+        self._reader, self._writer = _CONTEXT.Pipe(duplex=False)
+
+    def set(self) -> None:
+        os.set_blocking(self._writer.fileno(), False)
+        with contextlib.suppress(BlockingIOError):  # the pipe is full: a wake-up is pending
+            os.write(self._writer.fileno(), b"!")
+
+    def clear(self) -> None:
+        os.set_blocking(self._reader.fileno(), False)
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._reader.fileno(), 4096):
+                pass
+
+    def wait(self, timeout: float | None = None) -> bool:
+        ready, _, _ = select.select([self._reader.fileno()], [], [], timeout)
+        return bool(ready)
+
+
+class InferProcess:
+    def __init__(self, settings: Settings, infer_wake: PipeWake, send_wake: PipeWake) -> None:
+        self.settings = settings
+        self.infer_wake = infer_wake
+        self.send_wake = send_wake
+        self._process: multiprocessing.process.BaseProcess | None = None
+
+    def start(self) -> ModelInfo:
+        """Start the child and wait until its model is loaded; raise what stopped it."""
+        receiving, sending = _CONTEXT.Pipe(duplex=False)
+        # The same values as a plain Settings: the class load_settings makes is
+        # local to it, so it cannot be pickled.
+        settings = Settings.model_construct(**dict(self.settings))
+        process = _CONTEXT.Process(
+            target=_child_main,
+            args=(settings, sending, self.infer_wake, self.send_wake, os.getpid()),
+            name="pacs-node-infer",
+            # Should the parent fail to stop it, multiprocessing ends it at exit.
+            daemon=True,
+        )
+        process.start()
+        sending.close()
+        self._process = process
+        try:
+            if not receiving.poll(START_TIMEOUT_SECONDS):
+                raise ConfigurationError("the infer process did not start in time")
+            answer = receiving.recv()
+        except EOFError:
+            process.join(5)
+            answer = f"the infer process exited with code {process.exitcode}"
+        except BaseException:
+            self.stop()
+            raise
+        finally:
+            receiving.close()
+        if not isinstance(answer, ModelInfo):
+            self.stop()
+            raise ConfigurationError(str(answer))
+        return answer
+
+    @property
+    def exit_code(self) -> int | None:
+        """None while the child runs."""
+        return None if self._process is None else self._process.exitcode
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Ask the child to finish its current step and stop; kill it if it does not."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.is_alive():
+            process.terminate()
+            process.join(timeout)
+        if process.is_alive():
+            log.warning("infer process did not stop in time; killed", extra={"action": "stop"})
+            process.kill()
+            process.join()
+
+
+def _child_main(
+    settings: Settings, report: Connection, infer_wake: PipeWake, send_wake: PipeWake, parent: int
+) -> None:
+    # Imported here: service imports this module.
+    from pacs_node.service import Node
+
+    configure_logging(settings.logging.level)
+    os.nice(settings.inference.nice)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent decides
+    node = Node(settings, ["infer"], wakes=(infer_wake, send_wake))
+    try:
+        node.start()
+    except PacsNodeError as error:
+        report.send(str(error))
+        return
+    report.send(node.model)
+    report.close()
+    try:
+        # A parent killed with SIGKILL cannot stop its child: notice it is gone.
+        while not stop.wait(_PARENT_CHECK_SECONDS) and os.getppid() == parent:
+            pass
+    finally:
+        node.stop()
