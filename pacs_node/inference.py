@@ -9,6 +9,7 @@ pass; memory holds at most two batches of pixels.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -47,6 +48,9 @@ class SeriesClassification:
     slices: list[dict[str, Any]]
     # Slices that could not be used, with the reason.
     skipped: list[tuple[str, str]]
+    # Seconds the model waited for decoded slices, and seconds in forward passes.
+    decode_seconds: float = 0.0
+    forward_seconds: float = 0.0
 
     @property
     def evidence_uids(self) -> list[str]:
@@ -72,7 +76,10 @@ class SeriesClassifier:
         headers: list[Dataset] = []
         rows: list[np.ndarray] = []
         skipped: list[tuple[str, str]] = []
+        decode_seconds = forward_seconds = 0.0
+        waiting_since = time.perf_counter()
         for batch in self._decoded_batches(paths):
+            decode_seconds += time.perf_counter() - waiting_since
             usable = [item for item in batch if item.tensor is not None and item.header is not None]
             skipped.extend(
                 (item.path.name, item.error or "unreadable")
@@ -81,9 +88,12 @@ class SeriesClassifier:
             )
             if usable:
                 inputs = torch.stack([item.tensor for item in usable if item.tensor is not None])
+                forward_started = time.perf_counter()
                 rows.append(self.predictor.predict(inputs))
+                forward_seconds += time.perf_counter() - forward_started
                 headers.extend(item.header for item in usable if item.header is not None)
             on_batch()
+            waiting_since = time.perf_counter()
         if not headers:
             raise PermanentError(f"none of the {len(paths)} slices could be classified")
         probabilities = np.concatenate(rows)
@@ -96,7 +106,14 @@ class SeriesClassifier:
             }
             for header, row in zip(headers, probabilities, strict=True)
         ]
-        return SeriesClassification(result=result, headers=headers, slices=slices, skipped=skipped)
+        return SeriesClassification(
+            result=result,
+            headers=headers,
+            slices=slices,
+            skipped=skipped,
+            decode_seconds=decode_seconds,
+            forward_seconds=forward_seconds,
+        )
 
     def _decoded_batches(self, paths: Sequence[Path]) -> Iterator[list[_Decoded]]:
         """Yield decoded batches, decoding the next batch while one is in use."""
