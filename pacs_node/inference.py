@@ -42,7 +42,8 @@ class _Decoded:
 @dataclass(frozen=True)
 class SeriesClassification:
     result: SeriesResult
-    # Headers (no pixel data) of the classified slices; result.evidence indexes them.
+    # Headers of the classified slices; result.evidence indexes them. The first
+    # is whole but its pixel data; the others hold only their REFERENCE_KEYWORDS.
     headers: list[Dataset]
     # One JSON-able entry per classified slice: SOP Instance UID, instance number, probabilities.
     slices: list[dict[str, Any]]
@@ -91,7 +92,9 @@ class SeriesClassifier:
                 forward_started = time.perf_counter()
                 rows.append(self.predictor.predict(inputs))
                 forward_seconds += time.perf_counter() - forward_started
-                headers.extend(item.header for item in usable if item.header is not None)
+                for item in usable:
+                    if item.header is not None:
+                        headers.append(_reference(item.header) if headers else item.header)
             on_batch()
             waiting_since = time.perf_counter()
         if not headers:
@@ -161,6 +164,27 @@ def _decode(path: Path, preprocessing: Any) -> _Decoded:
         )
     del dataset.PixelData  # keep only the header in memory
     return _Decoded(path=path, header=dataset, tensor=tensor, error=None)
+
+
+# All the report and the per-slice results read of a slice but the first
+# (whose patient and study attributes the report copies).
+REFERENCE_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "InstanceNumber",
+)
+
+
+def _reference(header: Dataset) -> Dataset:
+    """The slice's REFERENCE_KEYWORDS only: whole headers (~50 KB each) would
+    make the node's memory grow with the length of the series."""
+    reference = Dataset()
+    for keyword in REFERENCE_KEYWORDS:
+        if keyword in header:
+            setattr(reference, keyword, header[keyword].value)
+    return reference
 
 
 def _instance_number(header: Dataset) -> int | None:
