@@ -1,15 +1,16 @@
 """Latency benchmark: from a series' last C-STORE response to its SR acknowledged by the PACS.
 
     .venv/bin/python -m tests.benchmarks.latency [--slices 300] [--rounds 3] [--model ARTIFACT]
+        [--device cpu|cuda]
 
 `pacs-node serve` runs every stage with the settings of config/node.toml
 (quiet period 30 s, so the series must complete by its content), the bundled
-model on the CPU, and DCMTK storescp as the destination. Each round DCMTK
-storescu (TCP_NODELAY=1) sends a new series of uncompressed 512x512 CT
-slices over one association. The clock starts at storescu's last "Received
-Store Response" and stops at the send job's `done` event, which the node
-records right after the destination answered the SR's C-STORE. A 30-slice
-series first warms the node up (the first forward pass allocates).
+model on the CPU (or --device), and DCMTK storescp as the destination. Each
+round DCMTK storescu (TCP_NODELAY=1) sends a new series of uncompressed
+512x512 CT slices over one association. The clock starts at storescu's last
+"Received Store Response" and stops at the send job's `done` event, which the
+node records right after the destination answered the SR's C-STORE. A
+30-slice series first warms the node up (the first forward pass allocates).
 
 Where the time goes, from the job events and the node's log fields:
 assembly wait (last response -> inference job queued), queue wait (queued
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slices", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
+    parser.add_argument("--device", default="cpu")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-latency-") as scratch:
         root = Path(scratch)
@@ -116,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 settings={
                     "PACS_NODE_SERIES__QUIET_SECONDS": "30",
                     "PACS_NODE_QUEUE__POLL_SECONDS": "1",
+                    "PACS_NODE_INFERENCE__DEVICE": arguments.device,
                 },
             )
             with node:
@@ -133,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(rounds: list[dict[str, float]], arguments: argparse.Namespace) -> None:
     print(
         f"{arguments.slices} uncompressed 512x512 slices, completion by content, model "
-        f"{arguments.model.name}, CPU; {len(rounds)} round(s), medians and per round"
+        f"{arguments.model.name}, {arguments.device}; {len(rounds)} round(s), medians and per round"
     )
     total = statistics.median(r["total"] for r in rounds)
     print(f"{'stage':<14} {'seconds':>8} {'share':>6}  per round")
