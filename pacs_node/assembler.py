@@ -23,8 +23,9 @@ class Assembler:
         self.max_attempts = max_attempts
 
     def sweep(self, now: datetime | None = None) -> list[Series]:
+        now = now or datetime.now(timezone.utc)
         completed = self.store.complete_ready_series(
-            now or datetime.now(timezone.utc),
+            now,
             self.settings.quiet_seconds,
             self.settings.quiet_seconds_by_ae,
             max_attempts=self.max_attempts,
@@ -41,12 +42,16 @@ class Assembler:
                     },
                 )
             else:
+                # Seconds from its last instance: the quiet period, or far less
+                # when the content said the series was complete.
+                waited = now - series.last_received_at
                 log.info(
                     f"series complete (revision {series.revision}), queued for inference",
                     extra={
                         "action": "assemble",
                         "series_uid": series.series_instance_uid,
                         "count": series.classifiable_count,
+                        "wait_seconds": f"{waited.total_seconds():.2f}",
                     },
                 )
         return completed

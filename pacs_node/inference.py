@@ -9,6 +9,7 @@ pass; memory holds at most two batches of pixels.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -41,12 +42,16 @@ class _Decoded:
 @dataclass(frozen=True)
 class SeriesClassification:
     result: SeriesResult
-    # Headers (no pixel data) of the classified slices; result.evidence indexes them.
+    # Headers of the classified slices; result.evidence indexes them. The first
+    # is whole but its pixel data; the others hold only their REFERENCE_KEYWORDS.
     headers: list[Dataset]
     # One JSON-able entry per classified slice: SOP Instance UID, instance number, probabilities.
     slices: list[dict[str, Any]]
     # Slices that could not be used, with the reason.
     skipped: list[tuple[str, str]]
+    # Seconds the model waited for decoded slices, and seconds in forward passes.
+    decode_seconds: float = 0.0
+    forward_seconds: float = 0.0
 
     @property
     def evidence_uids(self) -> list[str]:
@@ -72,7 +77,10 @@ class SeriesClassifier:
         headers: list[Dataset] = []
         rows: list[np.ndarray] = []
         skipped: list[tuple[str, str]] = []
+        decode_seconds = forward_seconds = 0.0
+        waiting_since = time.perf_counter()
         for batch in self._decoded_batches(paths):
+            decode_seconds += time.perf_counter() - waiting_since
             usable = [item for item in batch if item.tensor is not None and item.header is not None]
             skipped.extend(
                 (item.path.name, item.error or "unreadable")
@@ -81,9 +89,14 @@ class SeriesClassifier:
             )
             if usable:
                 inputs = torch.stack([item.tensor for item in usable if item.tensor is not None])
+                forward_started = time.perf_counter()
                 rows.append(self.predictor.predict(inputs))
-                headers.extend(item.header for item in usable if item.header is not None)
+                forward_seconds += time.perf_counter() - forward_started
+                for item in usable:
+                    if item.header is not None:
+                        headers.append(_reference(item.header) if headers else item.header)
             on_batch()
+            waiting_since = time.perf_counter()
         if not headers:
             raise PermanentError(f"none of the {len(paths)} slices could be classified")
         probabilities = np.concatenate(rows)
@@ -96,7 +109,14 @@ class SeriesClassifier:
             }
             for header, row in zip(headers, probabilities, strict=True)
         ]
-        return SeriesClassification(result=result, headers=headers, slices=slices, skipped=skipped)
+        return SeriesClassification(
+            result=result,
+            headers=headers,
+            slices=slices,
+            skipped=skipped,
+            decode_seconds=decode_seconds,
+            forward_seconds=forward_seconds,
+        )
 
     def _decoded_batches(self, paths: Sequence[Path]) -> Iterator[list[_Decoded]]:
         """Yield decoded batches, decoding the next batch while one is in use."""
@@ -144,6 +164,27 @@ def _decode(path: Path, preprocessing: Any) -> _Decoded:
         )
     del dataset.PixelData  # keep only the header in memory
     return _Decoded(path=path, header=dataset, tensor=tensor, error=None)
+
+
+# All the report and the per-slice results read of a slice but the first
+# (whose patient and study attributes the report copies).
+REFERENCE_KEYWORDS = (
+    "SOPClassUID",
+    "SOPInstanceUID",
+    "SeriesInstanceUID",
+    "StudyInstanceUID",
+    "InstanceNumber",
+)
+
+
+def _reference(header: Dataset) -> Dataset:
+    """The slice's REFERENCE_KEYWORDS only: whole headers (~50 KB each) would
+    make the node's memory grow with the length of the series."""
+    reference = Dataset()
+    for keyword in REFERENCE_KEYWORDS:
+        if keyword in header:
+            setattr(reference, keyword, header[keyword].value)
+    return reference
 
 
 def _instance_number(header: Dataset) -> int | None:

@@ -22,6 +22,12 @@ FIELDS = (
     "destination",
     "reason",
     "count",
+    # Where a series' time went: waiting (for its last instance, or in the
+    # queue), decoding, the model's forward passes, the SR, and the whole job.
+    "wait_seconds",
+    "decode_seconds",
+    "forward_seconds",
+    "report_seconds",
     "seconds",
 )
 

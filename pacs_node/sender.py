@@ -18,7 +18,7 @@ from pynetdicom import AE
 
 from pacs_node.config import Destination
 from pacs_node.errors import PermanentError, RetryableError
-from pacs_node.stage import JobStage, Worker
+from pacs_node.stage import Done, JobStage, Worker
 from pacs_node.storage import Storage
 from pacs_node.store import Job, JobKind, JobStore
 
@@ -70,10 +70,10 @@ class SendStage(JobStage):
         self.calling_ae = calling_ae
         self.timeout_seconds = timeout_seconds
 
-    def process(self, job: Job) -> str:
+    def process(self, job: Job) -> Done:
         status = self._deliver(job)
         self.store.complete_send(job.id, self.worker.worker_id)
-        return f"SR delivered (status 0x{status:04X})"
+        return Done(f"SR delivered (status 0x{status:04X})")
 
     def _deliver(self, job: Job) -> int:
         destination = self.destinations.get(job.destination or "")

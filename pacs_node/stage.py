@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +32,15 @@ class Worker:
     retry_max_seconds: float
 
 
+@dataclass(frozen=True)
+class Done:
+    """A job's work finished: the line to log, and where its seconds went."""
+
+    message: str
+    # Log field name -> seconds, e.g. {"forward_seconds": 3.1}; see pacs_node.logs.
+    timings: Mapping[str, float] = field(default_factory=dict)
+
+
 class JobStage(ABC):
     kind: JobKind
 
@@ -39,8 +49,8 @@ class JobStage(ABC):
         self.worker = worker
 
     @abstractmethod
-    def process(self, job: Job) -> str:
-        """Do the job's work; return the line to log on success."""
+    def process(self, job: Job) -> Done:
+        """Do the job's work; return what to log on success."""
 
     def run_once(self) -> bool:
         """Process one queued job; False when there was none."""
@@ -81,7 +91,15 @@ class JobStage(ABC):
                 extra={"reason": reason, **context},
             )
         else:
-            log.info(done, extra={"seconds": f"{time.monotonic() - started:.2f}", **context})
+            # How long the job sat due in the queue (claim time - due time,
+            # both the store's clock), then how long its work took.
+            seconds = {
+                "wait_seconds": (job.updated_at - job.run_after).total_seconds(),
+                **done.timings,
+                "seconds": time.monotonic() - started,
+            }
+            timings = {name: f"{value:.2f}" for name, value in seconds.items()}
+            log.info(done.message, extra={**timings, **context})
         return True
 
     def renew(self, job: Job) -> None:

@@ -9,6 +9,7 @@ commit makes the retry write the very same object again, never a second one.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
@@ -20,7 +21,7 @@ from models.manifest import Manifest
 from pacs_node.errors import PermanentError
 from pacs_node.inference import SeriesClassification, SeriesClassifier
 from pacs_node.report import PredecessorReport, ReportingNode, build_report
-from pacs_node.stage import JobStage, Worker
+from pacs_node.stage import Done, JobStage, Worker
 from pacs_node.storage import Storage
 from pacs_node.store import Job, JobKind, JobStore, NewResult
 
@@ -51,7 +52,7 @@ class InferenceStage(JobStage):
     def manifest(self) -> Manifest:
         return self.classifier.predictor.manifest
 
-    def process(self, job: Job) -> str:
+    def process(self, job: Job) -> Done:
         instances = self.store.series_instances(job.series_instance_uid)
         if not instances:
             raise PermanentError("the series has no classifiable instance")
@@ -62,6 +63,7 @@ class InferenceStage(JobStage):
                 "slice not classified",
                 extra={"action": "infer", "job_id": job.id, "sop_uid": name, "reason": reason},
             )
+        report_started = time.perf_counter()
         report = build_report(
             sources=classification.headers,
             result=classification.result,
@@ -81,15 +83,21 @@ class InferenceStage(JobStage):
             self.destinations,
             max_attempts=self.send_max_attempts,
         )
+        report_seconds = time.perf_counter() - report_started
         probabilities = ", ".join(
             f"{name} {value:.3f}"
             for name, value in zip(
                 classification.result.classes, classification.result.probabilities, strict=True
             )
         )
-        return (
+        return Done(
             f"series classified as {classification.result.label} ({probabilities}) from "
-            f"{len(classification.headers)} slices, revision {job.revision}"
+            f"{len(classification.headers)} slices, revision {job.revision}",
+            {
+                "decode_seconds": classification.decode_seconds,
+                "forward_seconds": classification.forward_seconds,
+                "report_seconds": report_seconds,
+            },
         )
 
     def _predecessor(self, job: Job) -> PredecessorReport | None:

@@ -1,0 +1,38 @@
+"""What the infer stage keeps of a series while it classifies it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from models.artifact import load_artifact
+from models.predictor import SlicePredictor
+from pacs_node.inference import REFERENCE_KEYWORDS, SeriesClassifier
+from pacs_node.report import ReportingNode, build_report
+from tests.dicom_data import renamed_series
+from tests.peers import chest_ct
+
+
+def test_only_the_first_header_is_kept_whole_and_the_report_still_references_every_slice(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=3)
+    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    classification = classifier.classify(files)
+    first, *others = classification.headers
+    assert "PatientID" in first and "PixelData" not in first
+    # Memory must not grow with the series by a whole header per slice.
+    assert [sorted(header.keys()) for header in others] == [
+        sorted(first[keyword].tag for keyword in REFERENCE_KEYWORDS)
+    ] * 2
+    report = build_report(
+        sources=classification.headers,
+        result=classification.result,
+        manifest=classifier.predictor.manifest,
+        revision=1,
+        node=ReportingNode(ae_title="TEST"),
+    )
+    (study,) = report.CurrentRequestedProcedureEvidenceSequence
+    (series,) = study.ReferencedSeriesSequence
+    assert [item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence] == [
+        str(header.SOPInstanceUID) for header in classification.headers
+    ]

@@ -1,0 +1,96 @@
+"""The timing fields of the log: where a series' seconds went, as an operator reads them."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+
+import pydicom
+import pytest
+
+from models.artifact import load_artifact
+from models.predictor import SlicePredictor
+from pacs_node.assembler import Assembler
+from pacs_node.config import SeriesSettings
+from pacs_node.inference import SeriesClassifier
+from pacs_node.logs import FieldFormatter
+from pacs_node.report import ReportingNode
+from pacs_node.stage import Worker
+from pacs_node.storage import Storage
+from pacs_node.store import JobStore
+from pacs_node.worker import InferenceStage
+from tests.dicom_data import renamed_series
+from tests.peers import chest_ct
+from tests.test_store import T0, instance
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[JobStore]:
+    """SQLite only: the timings do not depend on the backend."""
+    store = JobStore(f"sqlite:///{tmp_path / 'store.db'}")
+    store.upgrade()
+    yield store
+    store.close()
+
+
+def logged_fields(record: logging.LogRecord) -> dict[str, str]:
+    """The key=value fields of the line as the node's formatter writes it."""
+    return dict(re.findall(r" (\w+)=(\S+)", FieldFormatter().format(record)))
+
+
+def receive(store: JobStore, storage: Storage, files: list[Path]) -> None:
+    """Store `files` and their rows as the receiver would, all received at T0."""
+    for number, path in enumerate(files, start=1):
+        dataset = pydicom.dcmread(path, stop_before_pixels=True)
+        relative = f"instances/{path.name}"
+        storage.write(relative, [path.read_bytes()])
+        row = instance(1, number, images_in_acquisition=len(files))
+        store.record_instance(
+            dataclasses.replace(
+                row,
+                sop_instance_uid=str(dataset.SOPInstanceUID),
+                series_instance_uid=str(dataset.SeriesInstanceUID),
+                study_instance_uid=str(dataset.StudyInstanceUID),
+                path=relative,
+            )
+        )
+
+
+def test_the_completion_and_the_inference_log_where_the_seconds_went(
+    tmp_path: Path, store: JobStore, tiny_model: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    storage = Storage(tmp_path / "var", fsync=False)
+    receive(store, storage, renamed_series(chest_ct(), tmp_path / "series", count=3))
+    assembler = Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=1)
+    predictor = SlicePredictor(load_artifact(tiny_model), "cpu")
+    stage = InferenceStage(
+        store,
+        Worker("test:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1),
+        storage,
+        SeriesClassifier(predictor, batch_size=2),
+        ReportingNode(ae_title="TEST"),
+        destinations=[],
+        send_max_attempts=1,
+    )
+    with caplog.at_level(logging.INFO):
+        # Complete by content 1.5 s after the last instance.
+        assembler.sweep(now=T0 + timedelta(seconds=1.5))
+        assert stage.run_once()
+    completed, classified = (
+        record
+        for record in caplog.records
+        if record.name in ("pacs_node.assembler", "pacs_node.stage")
+    )
+    assert completed.getMessage().startswith("series complete")
+    assert logged_fields(completed)["wait_seconds"] == "1.50"
+    assert classified.getMessage().startswith("series classified")
+    timings = logged_fields(classified)
+    names = {"wait_seconds", "decode_seconds", "forward_seconds", "report_seconds", "seconds"}
+    assert names <= timings.keys()
+    assert float(timings["forward_seconds"]) > 0
+    # The job was due at T0 + 1.5 s and claimed just now: its queue wait is that gap.
+    assert float(timings["wait_seconds"]) > 0
