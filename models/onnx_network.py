@@ -1,10 +1,10 @@
 """The network as an ONNX Runtime session: the node's forward pass on a CPU.
 
 Measured on the 2-core benchmark machine (bundled model, 160 px, batch 16,
-`python -m tests.benchmarks.inference`): ONNX Runtime ran about 4x eager fp32
-PyTorch, 2.5x channels-last, 1.5x a frozen TorchScript trace and 1.8x
-`torch.compile` (which also takes ~25 s to compile), with the same classes and
-probabilities within 1e-5 of eager.
+`python -m tests.benchmarks.inference --compile`): ONNX Runtime ran about
+3.8x eager fp32 PyTorch, 3x channels-last, 1.3x a frozen TorchScript trace and
+1.4x `torch.compile` (which also compiles for ~23 s on a cold cache), with the
+same classes and probabilities within 1e-5 of eager.
 
 Exporting takes ~6 s (torch.export tracing and translation, not ONNX Runtime),
 so the exported model is cached, keyed by the artifact's content hash and the
@@ -81,7 +81,8 @@ class OnnxNetwork:
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
-        # Idle workers sleep instead of spinning: the decode threads need the same cores.
+        # Idle workers sleep instead of spinning: the decode threads need the same cores
+        # (the stage ran faster so in one, noisy, comparison).
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self._session = onnxruntime.InferenceSession(
             model, options, providers=["CPUExecutionProvider"]
