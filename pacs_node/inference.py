@@ -8,6 +8,7 @@ pass; memory holds at most two batches of pixels.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -147,7 +148,15 @@ def load_classifier(settings: Settings) -> SeriesClassifier:
         predictor = SlicePredictor(artifact, settings.inference.device)
     except RuntimeError as error:
         raise ConfigurationError(f"inference.device: {error}") from error
+    freeze_long_lived_objects()
     return SeriesClassifier(predictor, settings.inference.batch_size)
+
+
+def freeze_long_lived_objects() -> None:
+    """Keep the ~500 000 objects of torch, the exporter and the model out of every full
+    garbage collection: scanning them took ~0.2 s, in every third series measured."""
+    gc.collect()
+    gc.freeze()
 
 
 def _decode(path: Path, preprocessing: Any) -> _Decoded:

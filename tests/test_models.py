@@ -10,6 +10,7 @@ import pydicom
 import pytest
 import torch
 
+from models import onnx_network
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
@@ -68,6 +69,41 @@ def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
     probabilities = predictor.predict(torch.zeros(2, 3, 64, 64))
     assert probabilities.shape == (2, 3)
     assert probabilities.sum(axis=1) == pytest.approx([1.0, 1.0])
+
+
+def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    artifact = load_artifact(tiny_model)
+    slices = sorted(chest_ct().glob("*.dcm"))[:7]
+    preprocessing = artifact.manifest.preprocessing
+    inputs = torch.stack(
+        [tensor_from_dataset(pydicom.dcmread(path), preprocessing) for path in slices]
+    )
+    with torch.inference_mode():
+        eager = torch.softmax(artifact.build_network()(inputs), dim=1).double().numpy()
+
+    predictor = SlicePredictor(artifact, "cpu", onnx_cache=tmp_path)
+    # Any batch size, not only the one the model was exported with.
+    probabilities = np.concatenate([predictor.predict(inputs[:1]), predictor.predict(inputs[1:])])
+    assert probabilities == pytest.approx(eager, abs=1e-5)
+    assert (probabilities.argmax(axis=1) == eager.argmax(axis=1)).all()
+
+    def no_export(artifact: object) -> bytes:
+        raise AssertionError("exported again despite the cache")
+
+    monkeypatch.setattr(onnx_network, "_export", no_export)
+    restarted = SlicePredictor(artifact, "cpu", onnx_cache=tmp_path)
+    assert restarted.predict(inputs) == pytest.approx(probabilities, abs=1e-6)
+    with pytest.raises(ValueError, match=r"expected a \(n, 3, 64, 64\) batch"):
+        restarted.predict(torch.zeros(1, 3, 32, 32))
+
+
+def test_unwritable_export_cache_only_costs_the_export(tiny_model: Path, tmp_path: Path) -> None:
+    occupied = tmp_path / "not-a-folder"
+    occupied.write_text("")
+    predictor = SlicePredictor(load_artifact(tiny_model), "cpu", onnx_cache=occupied)
+    assert predictor.predict(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
 
 
 def test_tampered_artifacts_are_refused_with_the_reason(tmp_path: Path) -> None:
