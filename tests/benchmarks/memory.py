@@ -6,10 +6,11 @@ For each length, a fresh `pacs-node serve` (every stage, config/node.toml's
 settings, the bundled model on the CPU, DCMTK storescp as the destination)
 receives one series of uncompressed 512x512 CT slices from DCMTK storescu
 (TCP_NODELAY=1) over one association, classifies it by content completion
-and delivers its SR. The peak is the process's VmHWM from /proc once the SR
-is delivered; "at ready" is the same once the model is loaded and the port
-open. The last lines compare the longest series with the target and with
-the shortest: memory should not grow with the series beyond the batch.
+and delivers its SR. The peak is the sum of VmHWM from /proc of `serve` and
+its infer process once the SR is delivered; "at ready" is the same once the
+model is loaded and the port open. The last lines compare the longest series
+with the target and with the shortest: memory should not grow with the
+series beyond the batch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import tempfile
 from pathlib import Path
 
 from pacs_node.config import BUNDLED_MODEL
-from tests.benchmarks.receivers import peak_rss_mb
+from tests.benchmarks.receivers import tree_peak_rss_mb
 from tests.benchmarks.series import long_series, store_series, wait_for_delivery
 from tests.dicom_data import series_uid
 from tests.processes import NodeProcess, StoreSCP
@@ -37,10 +38,10 @@ def measure(root: Path, files: list[Path], model: Path) -> tuple[float, float]:
             settings={"PACS_NODE_SERIES__QUIET_SECONDS": "30"},
         )
         with node:
-            at_ready = peak_rss_mb(node.pid)
+            at_ready = tree_peak_rss_mb(node.pid)
             store_series(node.port, "PACSNODE", files)
             wait_for_delivery(node, series_uid(files))
-            return at_ready, peak_rss_mb(node.pid)
+            return at_ready, tree_peak_rss_mb(node.pid)
 
 
 def main(argv: list[str] | None = None) -> int:
