@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -31,8 +32,19 @@ def missing(what: str) -> None:
 
 
 def tool(name: str) -> str:
-    """The absolute path of an outside program."""
-    found = shutil.which(name)
+    """The absolute path of an outside program.
+
+    Never one from this Python environment: pynetdicom installs Python apps
+    named storescu, storescp and echoscu there, which an activated venv would
+    put ahead of DCMTK's on PATH.
+    """
+    environment_bin = Path(sys.prefix, "bin").resolve()
+    outside = os.pathsep.join(
+        folder
+        for folder in os.environ.get("PATH", os.defpath).split(os.pathsep)
+        if folder and Path(folder).resolve() != environment_bin
+    )
+    found = shutil.which(name, path=outside)
     if found is None:
         missing(f"program {name!r}")
         raise AssertionError  # unreachable: missing() raises
