@@ -104,10 +104,17 @@ class NodeProcess:
     def stop(self, sig: signal.Signals = signal.SIGTERM) -> int:
         if self._process is None:
             return 0
-        self._process.send_signal(sig)
-        code = self._process.wait(timeout=60)
-        self._process = None
-        return code
+        process, self._process = self._process, None
+        process.send_signal(sig)
+        try:
+            return process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            # Fail the test, but leave no node behind (nor its infer child).
+            for child in descendants(process.pid):
+                os.kill(child, signal.SIGKILL)
+            process.kill()
+            process.wait()
+            raise
 
     def jobs(self, kind: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """`pacs-node jobs list --json`, optionally for one kind and status."""
@@ -210,6 +217,15 @@ class StoreSCP(ServerProcess):
 
     def received(self) -> list[Path]:
         return sorted(self.folder.glob("*"))
+
+
+def descendants(pid: int) -> list[int]:
+    """The child processes of `pid`, their children, and so on."""
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            found += [int(child), *descendants(int(child))]
+    return found
 
 
 def echo(port: int, ae_title: str) -> bool:

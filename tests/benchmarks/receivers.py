@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tests.peers import dcmtk_environment, free_port, tool
 from tests.polling import wait_for
-from tests.processes import NodeProcess, echo
+from tests.processes import NodeProcess, descendants, echo
 
 
 @dataclass(frozen=True)
@@ -49,15 +49,6 @@ def peak_rss_mb(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     return 0.0
-
-
-def descendants(pid: int) -> list[int]:
-    """The child processes of `pid`, their children, and so on."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            found += [int(child), *descendants(int(child))]
-    return found
 
 
 def tree_peak_rss_mb(pid: int) -> float:
