@@ -1,11 +1,12 @@
 """Ingest while a series is being classified, against the same node idle.
 
-    .venv/bin/python -m tests.benchmarks.ingest_under_load [--rounds 3] [--slices 300]
+    .venv/bin/python -m tests.benchmarks.ingest_under_load [--rounds 3] [--slices 1200]
 
 One `pacs-node serve` (all stages, the bundled model, CPU) per round. First
 300 fresh instances go in while the node is idle; then a long series goes
-in, completes by content, and as soon as its inference is queued another
-300 fresh instances go in. A busy measurement counts only if the series was
+in (long enough that classifying it outlasts the next step), completes by
+content, and as soon as its inference is queued another 300 fresh instances
+go in. A busy measurement counts only if the series was
 still being classified when its last instance was acknowledged. The ratio
 busy/idle says how much classification slows receiving.
 """
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--slices", type=int, default=1200)
     parser.add_argument("--images", type=int, default=300)
     arguments = parser.parse_args(argv)
     rows: list[tuple[Measurement, Measurement, bool]] = []
