@@ -456,7 +456,14 @@ class _AssociationThread:
             self.pending = None
             target = pending.target
             status = target if isinstance(target, Status) else target.finish()
-            self._respond(context_id, _C_STORE_RQ, pending.message_id, pending.request, status)
+            request = pending.request
+            self._respond(
+                context_id,
+                _C_STORE_RQ,
+                pending.message_id,
+                (request.sop_class_uid, request.sop_instance_uid),
+                status,
+            )
 
     def _on_command(self, context_id: int, command: dict[int, bytes]) -> None:
         field = _unsigned(command, 0x0100)
@@ -467,7 +474,9 @@ class _AssociationThread:
         assert self.association is not None
         if field == _C_ECHO_RQ and not has_data_set:
             log.debug("C-ECHO", extra={"action": "echo", "peer_ae": self.association.calling_ae})
-            self._respond(context_id, _C_ECHO_RQ, message_id, None, Status(0))
+            self._respond(
+                context_id, _C_ECHO_RQ, message_id, (_text(command, 0x0002), None), Status(0)
+            )
         elif field == _C_STORE_RQ and has_data_set:
             request = StoreRequest(
                 association=self.association,
@@ -485,10 +494,11 @@ class _AssociationThread:
         context_id: int,
         request_field: int,
         message_id: int,
-        request: StoreRequest | None,
+        affected: tuple[str, str | None],
         status: Status,
     ) -> None:
-        command = _encode_response(request_field, message_id, request, status)
+        """Send the response; `affected` is the request's (SOP class, SOP instance or None)."""
+        command = _encode_response(request_field, message_id, affected, status)
         # A P-DATA-TF holds at most the peer's maximum PDU length: PDV header + value.
         room = self.peer_maximum_pdu - _PDV_HEADER.size if self.peer_maximum_pdu else len(command)
         room = max(room, 1)
@@ -570,9 +580,9 @@ def _text(command: dict[int, bytes], element: int) -> str:
 
 
 def _encode_response(
-    request_field: int, message_id: int, request: StoreRequest | None, status: Status
+    request_field: int, message_id: int, affected: tuple[str, str | None], status: Status
 ) -> bytes:
-    sop_class = request.sop_class_uid if request else "1.2.840.10008.1.1"
+    sop_class, sop_instance = affected
     elements = [
         _element(0x0002, _padded(sop_class, b"\0")),
         _element(0x0100, (request_field | _RESPONSE).to_bytes(2, "little")),
@@ -584,8 +594,8 @@ def _encode_response(
         # LO: 64 characters of the default repertoire, no backslash.
         comment = status.comment.replace("\\", "/")[:64]
         elements.append(_element(0x0902, _padded(comment, b" ")))
-    if request is not None:
-        elements.append(_element(0x1000, _padded(request.sop_instance_uid, b"\0")))
+    if sop_instance is not None:
+        elements.append(_element(0x1000, _padded(sop_instance, b"\0")))
     body = b"".join(elements)
     return _element(0x0000, len(body).to_bytes(4, "little")) + body
 
