@@ -8,7 +8,10 @@ same classes and probabilities within 1e-5 of eager.
 
 Exporting takes ~6 s (torch.export tracing and translation, not ONNX Runtime),
 so the exported model is cached, keyed by the artifact's content hash and the
-exporter's versions: a restarted node starts in well under a second.
+exporter's versions: a restarted node starts in well under a second. The cache
+sits outside the artifact's hash check, so at every start the session is
+checked against the artifact's own network on a fixed input; a cached model
+that disagrees (damaged, replaced) is exported again.
 """
 
 from __future__ import annotations
@@ -34,16 +37,44 @@ def default_cache() -> Path:
     return Path(base) / "pacs-node" / "onnx"
 
 
-def exported_model(artifact: Artifact, cache: Path) -> bytes:
+# Largest logit difference allowed between the session and the artifact's network.
+AGREEMENT_TOLERANCE = 1e-3
+
+
+def onnx_network(artifact: Artifact, cache: Path, threads: int) -> OnnxNetwork:
+    """The artifact's network on ONNX Runtime, from `cache` when it was exported before."""
+    reference = artifact.build_network().eval()
+    size = artifact.manifest.preprocessing.input_size
+    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = reference(probe)
+    network = OnnxNetwork(exported_model(artifact, cache), threads)
+    if _agrees(network, probe, expected):
+        return network
+    log.warning(
+        "cached ONNX model disagrees with the artifact; exporting it again",
+        extra={"action": "load"},
+    )
+    network = OnnxNetwork(exported_model(artifact, cache, reuse=False), threads)
+    if not _agrees(network, probe, expected):
+        raise RuntimeError("the ONNX export disagrees with the artifact's network")
+    return network
+
+
+def _agrees(network: OnnxNetwork, probe: torch.Tensor, expected: torch.Tensor) -> bool:
+    return bool((network(probe) - expected).abs().max() <= AGREEMENT_TOLERANCE)
+
+
+def exported_model(artifact: Artifact, cache: Path, reuse: bool = True) -> bytes:
     """The artifact's network as a serialised ONNX model (dynamic batch size).
 
-    Read from `cache` when exported before; an unwritable cache only costs
-    the export at every start.
+    Read from `cache` when exported before (unless `reuse` is false); an
+    unwritable cache only costs the export at every start.
     """
     manifest = artifact.manifest
     key = f"{manifest.content_hash} torch {torch.__version__} onnxscript {onnxscript.__version__}"
     cached = cache / f"{hashlib.sha256(key.encode()).hexdigest()}.onnx"
-    if cached.is_file():
+    if reuse and cached.is_file():
         return cached.read_bytes()
     model = _export(artifact)
     try:

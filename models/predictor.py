@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from models.artifact import Artifact
-from models.onnx_network import OnnxNetwork, default_cache, exported_model
+from models.onnx_network import default_cache, onnx_network
 
 
 def resolve_device(requested: str) -> torch.device:
@@ -43,8 +43,9 @@ class SlicePredictor:
             network = artifact.build_network().to(self.device)
             self.network = network.to(memory_format=torch.channels_last)
         else:
-            model = exported_model(artifact, onnx_cache or default_cache())
-            self.network = OnnxNetwork(model, threads=torch.get_num_threads())
+            self.network = onnx_network(
+                artifact, onnx_cache or default_cache(), threads=torch.get_num_threads()
+            )
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> np.ndarray:

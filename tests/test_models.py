@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,26 @@ def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
     assert restarted.predict(inputs) == pytest.approx(probabilities, abs=1e-6)
     with pytest.raises(ValueError, match=r"expected a \(n, 3, 64, 64\) batch"):
         restarted.predict(torch.zeros(1, 3, 32, 32))
+
+
+def test_a_cached_export_that_disagrees_with_the_artifact_is_exported_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    artifact = load_artifact(tiny_artifact(tmp_path / "model", seed=1))
+    other = load_artifact(tiny_artifact(tmp_path / "other", seed=2))
+    cache = tmp_path / "cache"
+    SlicePredictor(artifact, "cpu", onnx_cache=cache)
+    (cached,) = cache.glob("*.onnx")
+    # Another network's export under this artifact's name: damaged or replaced.
+    cached.write_bytes(onnx_network.exported_model(other, tmp_path / "other-cache"))
+    inputs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        eager = torch.softmax(artifact.build_network().eval()(inputs), dim=1).double().numpy()
+
+    with caplog.at_level(logging.WARNING, logger="models.onnx_network"):
+        predictor = SlicePredictor(artifact, "cpu", onnx_cache=cache)
+    assert "disagrees with the artifact" in caplog.text
+    assert predictor.predict(inputs) == pytest.approx(eager, abs=1e-5)
 
 
 def test_unwritable_export_cache_only_costs_the_export(tiny_model: Path, tmp_path: Path) -> None:
