@@ -422,7 +422,9 @@ class _AssociationThread:
                 raise ProtocolError("PDV length beyond its PDU", _INVALID_PARAMETER)
             remaining -= 4 + item_length
             if context_id not in self.contexts:
-                raise ProtocolError(f"presentation context {context_id} was not accepted")
+                raise ProtocolError(
+                    f"presentation context {context_id} was not accepted", _INVALID_PARAMETER
+                )
             is_command, is_last = bool(control & 0x01), bool(control & 0x02)
             if is_command:
                 self._read_command_fragment(context_id, item_length - 2, is_last)

@@ -76,27 +76,57 @@ def test_another_application_context_is_rejected(receiver: Receiver) -> None:
     assert answer_to(receiver.port, request) == rejection(1, 1, 2)
 
 
-def test_an_unsupported_dimse_command_aborts_the_association(receiver: Receiver) -> None:
-    # A C-FIND-RQ (0x0020) on the CT Image Storage context.
+def command_set(command_field: int) -> bytes:
+    """A request command set on CT Image Storage, without a data set."""
     elements = [
         (0x0002, CT_IMAGE_STORAGE.encode() + b"\0"),
-        (0x0100, struct.pack("<H", 0x0020)),
+        (0x0100, struct.pack("<H", command_field)),
         (0x0110, struct.pack("<H", 1)),
         (0x0800, struct.pack("<H", 0x0101)),
     ]
     body = b"".join(
         struct.pack("<HHL", 0, element, len(value)) + value for element, value in elements
     )
-    command = struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
-    pdv = struct.pack(">LBB", len(command) + 2, 1, 0x03) + command
-    with raw_connection(receiver.port) as connection:
-        connection.sendall(association_request("FINDER"))
+    return struct.pack("<HHL", 0, 0, 4) + struct.pack("<L", len(body)) + body
+
+
+def p_data(context_id: int, control: int, value: bytes) -> bytes:
+    pdv = struct.pack(">LBB", len(value) + 2, context_id, control) + value
+    return struct.pack(">BxL", 0x04, len(pdv)) + pdv
+
+
+def abort_after(port: int, pdu: bytes) -> bytes:
+    """Associate (context 1: CT Image Storage), send `pdu`; what the node answers."""
+    with raw_connection(port) as connection:
+        connection.sendall(association_request("RAWPEER"))
         accepted = connection.recv(6)
         assert accepted[0] == 0x02  # A-ASSOCIATE-AC
         connection.recv(struct.unpack(">L", accepted[2:6])[0])
-        connection.sendall(struct.pack(">BxL", 0x04, len(pdv)) + pdv)
-        # A-ABORT from the service provider, then the close.
-        assert closed_by_peer(connection)[:10] == bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 2])
+        connection.sendall(pdu)
+        return closed_by_peer(connection)
+
+
+def a_abort(reason: int) -> bytes:
+    """An A-ABORT from the service provider (PS3.8 9.3.8)."""
+    return bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, reason])
+
+
+def test_an_unsupported_dimse_command_aborts_the_association(receiver: Receiver) -> None:
+    # A C-FIND-RQ (0x0020) on the CT Image Storage context: unexpected.
+    assert abort_after(receiver.port, p_data(1, 0x03, command_set(0x0020))) == a_abort(2)
+
+
+def test_a_fragment_for_a_context_never_accepted_aborts_the_association(
+    receiver: Receiver,
+) -> None:
+    # Context 3 was never proposed: invalid PDU parameter value.
+    assert abort_after(receiver.port, p_data(3, 0x03, command_set(0x0001))) == a_abort(6)
+
+
+def test_a_data_set_fragment_without_its_command_aborts_the_association(
+    receiver: Receiver,
+) -> None:
+    assert abort_after(receiver.port, p_data(1, 0x02, b"\x08\x00\x16\x00")) == a_abort(2)
 
 
 @pytest.mark.parametrize("syntax", [ImplicitVRLittleEndian, ExplicitVRLittleEndian])
