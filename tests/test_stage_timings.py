@@ -91,6 +91,7 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
     timings = logged_fields(classified)
     names = {"wait_seconds", "decode_seconds", "forward_seconds", "report_seconds", "seconds"}
     assert names <= timings.keys()
-    assert float(timings["forward_seconds"]) > 0
+    # Logged to 0.01 s: a tiny model on ONNX Runtime may well take less.
+    assert all(float(timings[name]) >= 0 for name in names)
     # The job was due at T0 + 1.5 s and claimed just now: its queue wait is that gap.
     assert float(timings["wait_seconds"]) > 0
