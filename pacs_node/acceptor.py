@@ -264,7 +264,8 @@ class _AssociationThread:
         self.peer_maximum_pdu = 0
         self.command = bytearray()
         self.pending: _PendingStore | None = None
-        self.buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
+        # Allocated with the first data set: a connection that never associates costs no buffer.
+        self.buffer: memoryview | None = None
 
     def run(self) -> None:
         try:
@@ -446,6 +447,8 @@ class _AssociationThread:
         pending = self.pending
         if pending is None or pending.context_id != context_id:
             raise ProtocolError("data set fragment without its command")
+        if self.buffer is None:
+            self.buffer = memoryview(bytearray(_READ_BUFFER_BYTES))
         while length:
             chunk = self.buffer[: min(length, len(self.buffer))]
             received = self.connection.recv_into(chunk)
