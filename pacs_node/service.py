@@ -111,9 +111,9 @@ class Node:
         self.stages = tuple(stage for stage in STAGES if stage in stages)
         self._stopping = threading.Event()
         # A node that receives keeps CPU-heavy classification in another process.
-        self._infer_elsewhere = "infer" in self.stages and "receive" in self.stages
+        infer_elsewhere = "infer" in self.stages and "receive" in self.stages
         self._infer_process: InferProcess | None = None
-        self._shared_wakes = (PipeWake(), PipeWake()) if self._infer_elsewhere else None
+        self._shared_wakes = (PipeWake(), PipeWake()) if infer_elsewhere else None
         self._infer_wake: Wake
         self._send_wake: Wake
         self._infer_wake, self._send_wake = (

@@ -9,18 +9,16 @@ from pathlib import Path
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
-from tests.processes import NodeProcess, storescu
+from tests.processes import NodeProcess, descendants, storescu
 
 
 def infer_children(pid: int) -> list[int]:
     """Child processes running multiprocessing's spawned target (not its resource tracker)."""
-    found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
-            command = Path(f"/proc/{child}/cmdline").read_bytes()
-            if b"spawn_main" in command:
-                found.append(int(child))
-    return found
+    return [
+        child
+        for child in descendants(pid)
+        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
+    ]
 
 
 def nice(pid: int) -> int:
