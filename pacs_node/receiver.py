@@ -9,6 +9,7 @@ saying why. Nothing here raises into the acceptor.
 
 from __future__ import annotations
 
+import concurrent.futures
 import ipaddress
 import logging
 import ssl
@@ -36,7 +37,7 @@ from pacs_node.errors import (
     StoreUnavailableError,
 )
 from pacs_node.intake import check_complete, describe
-from pacs_node.storage import IncomingFile, ReceivedFile, Storage
+from pacs_node.storage import IncomingFile, ReceivedFile, Storage, Syncing
 from pacs_node.store import InstanceOutcome, JobStore, NewInstance
 
 log = logging.getLogger(__name__)
@@ -192,36 +193,46 @@ class Receiver:
         except OSError as error:
             return self._counted(request, self._storage_failure(request, error))
 
-    def store_received(self, request: StoreRequest, received: ReceivedFile) -> Status:
+    def store_received(self, request: StoreRequest, syncing: Syncing[ReceivedFile]) -> Status:
         """Store one received instance; every path returns a status, none raises."""
         peer_ae = request.association.calling_ae
         try:
-            status = self._store(request, received)
+            status = self._store(request, syncing)
         except Exception:  # the acceptor must go on serving whatever happens here
             log.exception(
                 "C-STORE failed unexpectedly", extra={"action": "store", "peer_ae": peer_ae}
             )
             status = Status(CANNOT_UNDERSTAND, "internal error while storing")
-        # Refused or failed: keep no file no row refers to (a no-op once adopted).
         if status.code != SUCCESS:
-            received.path.unlink(missing_ok=True)
+            # Refused or failed: keep no file no row refers to (a no-op once adopted),
+            # once its sync has finished with it.
+            concurrent.futures.wait([syncing.synced])
+            syncing.value.path.unlink(missing_ok=True)
         return self._counted(request, status)
 
-    def _store(self, request: StoreRequest, received: ReceivedFile) -> Status:
+    def _store(self, request: StoreRequest, syncing: Syncing[ReceivedFile]) -> Status:
+        """Parse while the file syncs, commit the row while its folder syncs: Success
+        is answered only when all three are done. A crash between the commit and the
+        folder's sync can leave a row whose file is missing; the peer had no Success
+        for it, and its resend lands on the same name again."""
         peer_ae = request.association.calling_ae
         try:
             # Values over DEFER_BYTES (pixel data) stay on disk: only the header is read.
-            dataset = dcmread(received.path, defer_size=DEFER_BYTES)
-            check_complete(dataset, received.size)
+            dataset = dcmread(syncing.value.path, defer_size=DEFER_BYTES)
+            check_complete(dataset, syncing.value.size)
             info = describe(dataset, self.intake)
             if (info.sop_class_uid, info.sop_instance_uid) != (
                 request.sop_class_uid,
                 request.sop_instance_uid,
             ):
                 raise DatasetMismatchError("SOP class/instance UID differ from the request")
-            written = self.storage.adopt_instance(
-                info.study_instance_uid, info.series_instance_uid, info.sop_instance_uid, received
+            placing = self.storage.adopt_instance(
+                info.study_instance_uid,
+                info.series_instance_uid,
+                info.sop_instance_uid,
+                syncing.wait(),
             )
+            written = placing.value
             recorded = self.store.record_instance(
                 NewInstance(
                     sop_instance_uid=info.sop_instance_uid,
@@ -241,6 +252,7 @@ class Receiver:
                     exclusion_reason=info.exclusion_reason,
                 )
             )
+            placing.wait()
         except DatasetMismatchError as error:
             return self._refuse(DATASET_MISMATCH, str(error), peer_ae)
         except BadInstanceError as error:
@@ -339,10 +351,7 @@ class _InstanceSink:
 
     def finish(self) -> Status:
         if self.error is None:
-            try:
-                return self.receiver.store_received(self.request, self.file.finish())
-            except OSError as error:
-                self.error = error
+            return self.receiver.store_received(self.request, self.file.finish())
         self.file.discard()
         return self.receiver._counted(
             self.request, self.receiver._storage_failure(self.request, self.error)

@@ -14,9 +14,11 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 from pacs_node.errors import BadInstanceError
 
@@ -31,9 +33,26 @@ def check_uid(value: str, name: str) -> str:
     return value
 
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Syncing(Generic[T]):
+    """`value` is usable now (a file can be read, a row recorded); `wait()` returns it
+    once its fsync has finished. Lets the receiver parse a header or commit a row
+    while the disk syncs, instead of one after the other."""
+
+    value: T
+    synced: Future[None]
+
+    def wait(self) -> T:
+        self.synced.result()
+        return self.value
+
+
 @dataclass(frozen=True)
 class ReceivedFile:
-    """A complete, synced file in incoming/, and the SHA-256 of its content."""
+    """A complete file in incoming/, and the SHA-256 of its content."""
 
     path: Path
     size: int
@@ -49,9 +68,10 @@ class IncomingFile:
     the node wrote the header.
     """
 
-    def __init__(self, folder: Path, fsync: bool, header: bytes = b"") -> None:
+    def __init__(self, folder: Path, syncs: Executor | None, header: bytes = b"") -> None:
         self.path = folder / f"{uuid.uuid4().hex}.part"
-        self._fsync = fsync
+        # Where fsyncs run; None: no fsync (storage.fsync = false).
+        self._syncs = syncs
         self._digest = hashlib.sha256()
         self._size = 0
         # Unbuffered: the network layer hands over large chunks, written as they are.
@@ -66,16 +86,19 @@ class IncomingFile:
         self._write_all(data)
         self._digest.update(data)
 
-    def finish(self) -> ReceivedFile:
-        """Sync and close the file; it is complete."""
+    def finish(self) -> Syncing[ReceivedFile]:
+        """The file is complete: it is synced and closed in the background."""
+        received = ReceivedFile(self.path, self._size, self._digest.hexdigest())
+        return Syncing(received, _in_background(self._syncs, self._sync_and_close))
+
+    def _sync_and_close(self) -> None:
         try:
-            if self._fsync:
+            if self._syncs is not None:
                 os.fsync(self._stream.fileno())
         except BaseException:
             self.discard()
             raise
         self._stream.close()
-        return ReceivedFile(self.path, self._size, self._digest.hexdigest())
 
     def discard(self) -> None:
         """Close and remove the file (a refused or interrupted transfer)."""
@@ -103,6 +126,9 @@ class Storage:
         self.fsync = fsync
         self.incoming = self.root / "incoming"
         self.incoming.mkdir(parents=True, exist_ok=True)
+        # fsync releases the GIL: one association's sync runs while its next step
+        # does; a handful of threads serve all the associations.
+        self._syncs = ThreadPoolExecutor(8, thread_name_prefix="fsync") if fsync else None
         # Restrict new files and folders to the service user.
         self.root.chmod(0o700)
 
@@ -116,12 +142,12 @@ class Storage:
 
     def incoming_file(self, header: bytes = b"") -> IncomingFile:
         """A new file in incoming/ that starts with `header`; see IncomingFile."""
-        return IncomingFile(self.incoming, self.fsync, header)
+        return IncomingFile(self.incoming, self._syncs, header)
 
     def adopt_instance(
         self, study_uid: str, series_uid: str, sop_uid: str, received: ReceivedFile
-    ) -> WrittenFile:
-        """Move a received instance to a name that includes its content hash, durably.
+    ) -> Syncing[WrittenFile]:
+        """Move a synced received instance to a name that includes its content hash.
 
         An identical re-send lands on the same name; a different object under
         the same SOP Instance UID gets a new name, so the acknowledged file stays
@@ -140,7 +166,7 @@ class Storage:
         except BaseException:
             incoming.discard()
             raise
-        return self._place(incoming.finish(), relative_path)
+        return self._place(incoming.finish().wait(), relative_path).wait()
 
     def _instance_folder(self, study_uid: str, series_uid: str) -> str:
         return (
@@ -179,17 +205,16 @@ class Storage:
             self._make_folders(final.parent)
             source.replace(final)
 
-    def _place(self, received: ReceivedFile, relative_path: str) -> WrittenFile:
-        """Rename a finished incoming file to `relative_path` and sync its folder."""
+    def _place(self, received: ReceivedFile, relative_path: str) -> Syncing[WrittenFile]:
+        """Rename a synced incoming file to `relative_path`; its folder syncs in the background."""
         final = self.root / relative_path
         try:
             self._move(received.path, final)
         except BaseException:
             received.path.unlink(missing_ok=True)
             raise
-        if self.fsync:
-            _fsync_folder(final.parent)
-        return WrittenFile(relative_path, received.size, received.sha256)
+        written = WrittenFile(relative_path, received.size, received.sha256)
+        return Syncing(written, _in_background(self._syncs, lambda: _fsync_folder(final.parent)))
 
     def _make_folders(self, folder: Path) -> None:
         """Create `folder` and its missing parents, syncing each new entry."""
@@ -216,6 +241,20 @@ class Storage:
             except FileNotFoundError:
                 continue  # its writer finished (renamed) or gave up meanwhile
         return removed
+
+
+def _in_background(syncs: Executor | None, sync: Callable[[], None]) -> Future[None]:
+    """`sync` running on `syncs`, or run now when there is no executor (no fsync)."""
+    if syncs is not None:
+        return syncs.submit(sync)
+    done: Future[None] = Future()
+    try:
+        sync()
+    except BaseException as error:
+        done.set_exception(error)
+    else:
+        done.set_result(None)
+    return done
 
 
 def _private(path: str, flags: int) -> int:

@@ -36,8 +36,8 @@ def queue_one_slice_series(store: JobStore, storage: Storage, count: int) -> Non
             template.StudyInstanceUID,
             template.SeriesInstanceUID,
             template.SOPInstanceUID,
-            incoming.finish(),
-        )
+            incoming.finish().wait(),
+        ).wait()
         store.record_instance(
             NewInstance(
                 sop_instance_uid=template.SOPInstanceUID,

@@ -22,7 +22,9 @@ def test_a_received_instance_is_placed_privately_under_the_hash_of_what_follows_
     incoming = storage.incoming_file(header=b"META")
     incoming.write(b"abc")
     incoming.write(memoryview(b"def"))
-    written = storage.adopt_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish())
+    written = storage.adopt_instance(
+        "1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish().wait()
+    ).wait()
     digest = hashlib.sha256(b"abcdef").hexdigest()
     assert written.relative_path == f"instances/1.2.3/1.2.3.4/1.2.3.4.5.{digest[:16]}.dcm"
     path = storage.absolute(written.relative_path)
