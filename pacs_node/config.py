@@ -144,7 +144,7 @@ class InferenceSettings(Section):
     batch_size: int = Field(default=16, ge=1, le=1024)
     # CPU priority (nice) of the infer process a receiving `serve` starts: it
     # gets the CPU the receiver leaves, so C-STOREs stay fast during inference.
-    nice: int = Field(default=10, ge=0, le=19)
+    nice: int = Field(default=19, ge=0, le=19)
     max_attempts: int = Field(default=3, ge=1)
 
 
