@@ -9,12 +9,13 @@ saying why. Nothing here raises into the acceptor.
 
 from __future__ import annotations
 
-import concurrent.futures
+import contextlib
 import ipaddress
 import logging
 import ssl
 import threading
 from collections.abc import Callable
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
@@ -71,12 +72,16 @@ MAXIMUM_PDU_BYTES = 4 * 1024 * 1024
 
 
 @dataclass
-class _AssociationTally:
+class _AssociationState:
     stored: int = 0
     duplicates: int = 0
     failed: int = 0
     # (series, reason) pairs already logged, so a 500-image MR series gives one line.
     reported_exclusions: set[tuple[str, str]] = field(default_factory=set)
+    # The file for the next data set, made ahead. It lives at most as long as the
+    # association, which closes after network_timeout of silence, far below the
+    # age at which incoming/ is swept.
+    next_file: Future[IncomingFile] | None = None
 
 
 class Receiver:
@@ -97,7 +102,7 @@ class Receiver:
         # Returns a reason to refuse new data (back-pressure), or None.
         self.admit = admit
         self._acceptor: Acceptor | None = None
-        self._tallies: dict[int, _AssociationTally] = {}
+        self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
 
     def start(self) -> None:
@@ -148,7 +153,7 @@ class Receiver:
 
     def opened(self, association: Association) -> None:
         with self._lock:
-            self._tallies[id(association)] = _AssociationTally()
+            self._associations[id(association)] = _AssociationState()
         context = {"peer_ae": association.calling_ae, "peer": _peer(association)}
         log.info("association established", extra={"action": "associate", **context})
         if association.rejected_abstract_syntaxes:
@@ -164,13 +169,16 @@ class Receiver:
 
     def closed(self, association: Association, how: str, reason: str) -> None:
         with self._lock:
-            tally = self._tallies.pop(id(association), _AssociationTally())
+            state = self._associations.pop(id(association), _AssociationState())
+        if state.next_file is not None:
+            with contextlib.suppress(OSError):  # not even created: nothing to remove
+                state.next_file.result().discard()
         extra = {"action": how, "peer_ae": association.calling_ae, "peer": _peer(association)}
         if reason:
             extra["reason"] = reason
         log.info(
-            f"association {how}: {tally.stored} stored, {tally.duplicates} duplicate, "
-            f"{tally.failed} refused",
+            f"association {how}: {state.stored} stored, {state.duplicates} duplicate, "
+            f"{state.failed} refused",
             extra=extra,
         )
 
@@ -189,9 +197,18 @@ class Receiver:
             )
             return self._counted(request, Status(OUT_OF_RESOURCES, refusal))
         try:
-            return _InstanceSink(self, request, self.storage.incoming_file(header))
+            return _InstanceSink(self, request, self._incoming_file(request, header))
         except OSError as error:
             return self._counted(request, self._storage_failure(request, error))
+
+    def _incoming_file(self, request: StoreRequest, header: bytes) -> IncomingFile:
+        """The association's file made ahead (or a new one), and the next made ahead."""
+        with self._lock:
+            state = self._associations.setdefault(id(request.association), _AssociationState())
+            ready, state.next_file = state.next_file, self.storage.incoming_file_ahead()
+        if ready is None:
+            return self.storage.incoming_file(header)
+        return ready.result().start(header)
 
     def store_received(self, request: StoreRequest, syncing: Syncing[ReceivedFile]) -> Status:
         """Store one received instance; every path returns a status, none raises."""
@@ -206,7 +223,7 @@ class Receiver:
         if status.code != SUCCESS:
             # Refused or failed: keep no file no row refers to (a no-op once adopted),
             # once its sync has finished with it.
-            concurrent.futures.wait([syncing.synced])
+            wait([syncing.synced])
             syncing.value.path.unlink(missing_ok=True)
         return self._counted(request, status)
 
@@ -293,7 +310,7 @@ class Receiver:
     def _counted(self, request: StoreRequest, status: Status) -> Status:
         if status.code != SUCCESS:
             with self._lock:
-                tally = self._tallies.setdefault(id(request.association), _AssociationTally())
+                tally = self._associations.setdefault(id(request.association), _AssociationState())
                 tally.failed += 1
         return status
 
@@ -306,7 +323,7 @@ class Receiver:
     ) -> None:
         peer_ae = request.association.calling_ae
         with self._lock:
-            tally = self._tallies.setdefault(id(request.association), _AssociationTally())
+            tally = self._associations.setdefault(id(request.association), _AssociationState())
             if outcome is InstanceOutcome.IDENTICAL:
                 tally.duplicates += 1
             else:

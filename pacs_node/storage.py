@@ -68,7 +68,7 @@ class IncomingFile:
     the node wrote the header.
     """
 
-    def __init__(self, folder: Path, syncs: Executor | None, header: bytes = b"") -> None:
+    def __init__(self, folder: Path, syncs: Executor | None) -> None:
         self.path = folder / f"{uuid.uuid4().hex}.part"
         # Where fsyncs run; None: no fsync (storage.fsync = false).
         self._syncs = syncs
@@ -76,11 +76,15 @@ class IncomingFile:
         self._size = 0
         # Unbuffered: the network layer hands over large chunks, written as they are.
         self._stream = io.FileIO(self.path, "xb", opener=_private)
+
+    def start(self, header: bytes) -> IncomingFile:
+        """Write `header`, which the hash does not cover, first; returns the file."""
         try:
             self._write_all(header)
         except BaseException:
             self.discard()
             raise
+        return self
 
     def write(self, data: bytes | memoryview) -> None:
         self._write_all(data)
@@ -129,6 +133,7 @@ class Storage:
         # fsync releases the GIL: one association's sync runs while its next step
         # does; a handful of threads serve all the associations.
         self._syncs = ThreadPoolExecutor(8, thread_name_prefix="fsync") if fsync else None
+        self._creator = ThreadPoolExecutor(2, thread_name_prefix="incoming")
         # Restrict new files and folders to the service user.
         self.root.chmod(0o700)
 
@@ -142,7 +147,16 @@ class Storage:
 
     def incoming_file(self, header: bytes = b"") -> IncomingFile:
         """A new file in incoming/ that starts with `header`; see IncomingFile."""
-        return IncomingFile(self.incoming, self._syncs, header)
+        return IncomingFile(self.incoming, self._syncs).start(header)
+
+    def incoming_file_ahead(self) -> Future[IncomingFile]:
+        """An empty file in incoming/, created in the background; `start` it when needed.
+
+        Creating a file waits for the file system's journal while other files sync
+        (about 0.4 ms per instance measured while receiving), so an association has
+        its next file made while it stores the current one.
+        """
+        return self._creator.submit(IncomingFile, self.incoming, self._syncs)
 
     def adopt_instance(
         self, study_uid: str, series_uid: str, sop_uid: str, received: ReceivedFile

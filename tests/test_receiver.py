@@ -15,7 +15,8 @@ from pacs_node.storage import Storage
 from pacs_node.store import JobStore
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct, free_port
-from tests.scu import store_statuses
+from tests.polling import wait_for
+from tests.scu import associate, store_statuses
 
 
 @pytest.fixture
@@ -80,3 +81,31 @@ def test_stored_bytes_are_exactly_what_was_sent(
         sent_bytes = path.read_bytes()
         data_set_offset = 132 + 12 + int.from_bytes(sent_bytes[140:144], "little")
         assert received.endswith(sent_bytes[data_set_offset:])
+
+
+def test_each_association_has_its_next_file_made_ahead_and_removed_when_it_closes(
+    tmp_path: Path, node: tuple[Receiver, JobStore, Storage]
+) -> None:
+    receiver, store, storage = node
+    first, second = (
+        pydicom.dcmread(path) for path in renamed_series(chest_ct(), tmp_path / "s", count=2)
+    )
+    association = associate(receiver.port, first)
+    try:
+        assert int(association.send_c_store(first).Status) == 0
+        (ahead,) = wait_for(
+            lambda: list(storage.incoming.iterdir()), 10, "the file made ahead in incoming/"
+        )
+        made_ahead = ahead.stat()
+        assert made_ahead.st_size == 0
+        assert int(association.send_c_store(second).Status) == 0
+        # The second data set went into the file made ahead; a new one waits.
+        (row,) = [
+            row
+            for row in store.series_instances(str(second.SeriesInstanceUID))
+            if row.sop_instance_uid == second.SOPInstanceUID
+        ]
+        assert storage.absolute(row.path).stat().st_ino == made_ahead.st_ino
+    finally:
+        association.release()
+    wait_for(lambda: not list(storage.incoming.iterdir()), 10, "incoming/ empty after the release")
