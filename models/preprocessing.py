@@ -24,6 +24,7 @@ from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+from models import jpeg_lossless
 from models.manifest import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 
 # Re-exported: the parameters live with the manifest, the pipeline here.
@@ -47,7 +48,7 @@ def hounsfield_units(dataset: Dataset) -> np.ndarray:
 
 
 def _single_frame(dataset: Dataset) -> np.ndarray:
-    stored = dataset.pixel_array
+    stored = jpeg_lossless.pixel_array(dataset)
     if stored.ndim != 2:
         raise ValueError(f"expected one 2-D frame, got pixel data of shape {stored.shape}")
     return stored

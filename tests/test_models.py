@@ -11,15 +11,18 @@ import pydicom
 import pytest
 import torch
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
     RLELossless,
 )
 
-from models import onnx_network, preprocessing
+from models import jpeg_lossless, onnx_network, preprocessing
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
@@ -165,6 +168,33 @@ def test_data_a_table_cannot_map_takes_the_reference_path(
     two_frames.Rows, two_frames.NumberOfFrames = 16, 2
     with pytest.raises(ValueError, match="expected one 2-D frame"):
         unit_from_dataset(two_frames, -600.0, 1200.0)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_gdcm(
+    signed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    imagecodecs = pytest.importorskip("imagecodecs")
+    dataset = _slice(signed, 12, (1.0, -1024.0))
+    # A 12-bit stream as DICOM stores signed values: the low 12 bits of each word.
+    words = np.frombuffer(dataset.PixelData, dtype="<u2").reshape(32, 32) & 0x0FFF
+    stream = imagecodecs.jpeg8_encode(words, lossless=True, bitspersample=12, predictor=1)
+    dataset.PixelData = encapsulate([stream])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    by_gdcm = pixel_array(dataset, decoding_plugin="gdcm")
+    decoded = []
+    decode = imagecodecs.jpeg8_decode
+
+    def counted(src: bytes) -> np.ndarray:
+        decoded.append(src)
+        frame: np.ndarray = decode(src)
+        return frame
+
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", counted)
+
+    assert np.array_equal(jpeg_lossless.pixel_array(dataset), by_gdcm)
+    assert decoded == [stream]
 
 
 def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
