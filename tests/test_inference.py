@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,7 @@ def test_only_the_first_header_is_kept_whole_and_the_report_still_references_eve
     ]
 
 
-def test_on_a_cpu_torch_runs_one_thread_while_classifying_and_gets_its_count_back(
+def test_while_a_cpu_classifies_torch_runs_one_thread_and_no_garbage_collection(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
@@ -52,11 +53,12 @@ def test_on_a_cpu_torch_runs_one_thread_while_classifying_and_gets_its_count_bac
     seen = []
 
     def recorded(dataset: Dataset, preprocessing: Preprocessing) -> torch.Tensor:
-        seen.append(torch.get_num_threads())  # in a decode thread
+        seen.append((torch.get_num_threads(), gc.isenabled()))  # in a decode thread
         return tensor_from_dataset(dataset, preprocessing)
 
     monkeypatch.setattr(inference, "tensor_from_dataset", recorded)
     before = torch.get_num_threads()
     classifier.classify(files)
-    assert seen == [1, 1, 1]
+    assert seen == [(1, False)] * 3
     assert torch.get_num_threads() == before
+    assert gc.isenabled()
