@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,12 @@ class SeriesClassifier:
         Unreadable slices are skipped and reported; a series with none left
         is a `PermanentError`.
         """
+        with _without_garbage_collection(), _torch_threads_left_to_onnx(self.predictor):
+            return self._classify(paths, on_batch)
+
+    def _classify(
+        self, paths: Sequence[Path], on_batch: Callable[[], None]
+    ) -> SeriesClassification:
         manifest = self.predictor.manifest
         headers: list[Dataset] = []
         rows: list[np.ndarray] = []
@@ -136,6 +143,43 @@ class SeriesClassifier:
                 current = pending
                 pending = submit(chunks[index + 1]) if index + 1 < len(chunks) else []
                 yield [future.result() for future in current]
+
+
+@contextmanager
+def _torch_threads_left_to_onnx(predictor: SlicePredictor) -> Iterator[None]:
+    """On a CPU, torch runs one thread: ONNX Runtime's threads take the cores.
+
+    torch's own OpenMP workers, for the resize, the stack and the softmax, wait and
+    spin beside them and stall when descheduled: without them the stage ran 8% faster
+    on JPEG Lossless, ~3% (within the noise) on uncompressed slices (2 cores, 3
+    alternating runs). The count also holds for the decode threads started meanwhile.
+    """
+    if predictor.device.type != "cpu":
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+@contextmanager
+def _without_garbage_collection() -> Iterator[None]:
+    """No cyclic garbage collection while a series is classified.
+
+    A series leaves no cycles to collect (none found after 150 slices), yet pydicom's
+    many small objects set off ~65 collections per 150 slices, ~25 ms under the GIL
+    in all: without them the uncompressed stage ran ~8% faster (3 alternating runs).
+    """
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 def load_classifier(settings: Settings) -> SeriesClassifier:

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
+
+import pytest
+import torch
+from pydicom.dataset import Dataset
 
 from models.artifact import load_artifact
 from models.predictor import SlicePredictor
+from models.preprocessing import Preprocessing, tensor_from_dataset
+from pacs_node import inference
 from pacs_node.inference import REFERENCE_KEYWORDS, SeriesClassifier
 from pacs_node.report import ReportingNode, build_report
 from tests.dicom_data import renamed_series
@@ -36,3 +43,22 @@ def test_only_the_first_header_is_kept_whole_and_the_report_still_references_eve
     assert [item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence] == [
         str(header.SOPInstanceUID) for header in classification.headers
     ]
+
+
+def test_while_a_cpu_classifies_torch_runs_one_thread_and_no_garbage_collection(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=3)
+    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    seen = []
+
+    def recorded(dataset: Dataset, preprocessing: Preprocessing) -> torch.Tensor:
+        seen.append((torch.get_num_threads(), gc.isenabled()))  # in a decode thread
+        return tensor_from_dataset(dataset, preprocessing)
+
+    monkeypatch.setattr(inference, "tensor_from_dataset", recorded)
+    before = torch.get_num_threads()
+    classifier.classify(files)
+    assert seen == [(1, False)] * 3
+    assert torch.get_num_threads() == before
+    assert gc.isenabled()

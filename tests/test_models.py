@@ -10,13 +10,30 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
+from pydicom.pixels.utils import pixel_array
+from pydicom.uid import (
+    UID,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLosslessSV1,
+    RLELossless,
+)
 
-from models import onnx_network
+from models import jpeg_lossless, onnx_network, preprocessing
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
 from models.predictor import SlicePredictor
-from models.preprocessing import Preprocessing, hounsfield_units, tensor_from_dataset, window
+from models.preprocessing import (
+    Preprocessing,
+    hounsfield_units,
+    tensor_from_dataset,
+    unit_from_dataset,
+    window,
+)
 from tests.dicom_data import tiny_artifact
 from tests.peers import chest_ct
 
@@ -60,6 +77,124 @@ def test_real_slice_is_converted_to_hounsfield_units() -> None:
     assert np.median(hounsfield[:20, :20]) < -900
     tensor = tensor_from_dataset(dataset, Preprocessing(window_center=-600, window_width=1200))
     assert tensor.shape == (3, 224, 224)
+
+
+def _slice(
+    signed: bool,
+    bits_stored: int,
+    rescale: tuple[float, float] | None,
+    syntax: UID = ExplicitVRLittleEndian,
+    bits_allocated: int = 16,
+) -> Dataset:
+    """A 32x32 slice whose stored words are random in all bits, unused high bits included."""
+    dataset = Dataset()
+    dataset.file_meta = FileMetaDataset()
+    dataset.file_meta.TransferSyntaxUID = syntax
+    dataset.Rows = dataset.Columns = 32
+    dataset.SamplesPerPixel = 1
+    dataset.PhotometricInterpretation = "MONOCHROME2"
+    dataset.BitsAllocated = bits_allocated
+    dataset.BitsStored = bits_stored
+    dataset.HighBit = bits_stored - 1
+    dataset.PixelRepresentation = int(signed)
+    if rescale is not None:
+        dataset.RescaleSlope, dataset.RescaleIntercept = rescale
+    words = np.random.default_rng(bits_stored).integers(0, 2**bits_allocated, (32, 32))
+    dataset.PixelData = words.astype(f"<u{bits_allocated // 8}").tobytes()
+    return dataset
+
+
+def _reference(dataset: Dataset) -> np.ndarray:
+    return window(hounsfield_units(dataset), -600.0, 1200.0)
+
+
+@pytest.mark.parametrize(
+    ("signed", "bits_stored", "rescale"),
+    [
+        (False, 12, (1.0, -1024.0)),
+        (True, 12, (1.0, -1024.0)),
+        (True, 16, (0.5, 3.25)),
+        (False, 16, None),
+        (True, 10, (2.5, -1000.0)),
+        (False, 9, (1000.0, -1000.0)),
+    ],
+)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
+def test_window_table_equals_the_reference_path_bit_for_bit(
+    signed: bool,
+    bits_stored: int,
+    rescale: tuple[float, float] | None,
+    syntax: UID,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = _slice(signed, bits_stored, rescale)
+    if syntax == RLELossless:  # compressed: the table indexes pydicom's decoded values
+        dataset.compress(RLELossless, dataset.pixel_array)
+    dataset.file_meta.TransferSyntaxUID = syntax
+    expected = _reference(dataset)
+
+    def no_reference(dataset: Dataset) -> np.ndarray:
+        raise AssertionError("the reference path was taken")
+
+    monkeypatch.setattr(preprocessing, "hounsfield_units", no_reference)
+    unit = unit_from_dataset(dataset, -600.0, 1200.0)
+    assert unit.dtype == expected.dtype == np.float32
+    assert np.array_equal(unit, expected)
+
+
+def test_data_a_table_cannot_map_takes_the_reference_path(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    eight_bit = _slice(False, 8, (1.0, -1024.0), bits_allocated=8)
+    with_modality_lut = _slice(False, 12, None)
+    with_modality_lut.ModalityLUTSequence = [Dataset()]
+    with_modality_lut.ModalityLUTSequence[0].LUTDescriptor = [4096, 0, 16]
+    with_modality_lut.ModalityLUTSequence[0].LUTData = list(range(4096))
+    big_endian = _slice(True, 12, (1.0, -1024.0), syntax=ExplicitVRBigEndian)
+    calls = []
+
+    def counted(dataset: Dataset) -> np.ndarray:
+        calls.append(dataset)
+        return hounsfield_units(dataset)
+
+    monkeypatch.setattr(preprocessing, "hounsfield_units", counted)
+    for dataset in (eight_bit, with_modality_lut):
+        assert np.array_equal(unit_from_dataset(dataset, -600.0, 1200.0), _reference(dataset))
+    assert calls == [eight_bit, with_modality_lut]
+    # Not read in place, but through pydicom, which swaps the bytes; still the table.
+    assert np.array_equal(unit_from_dataset(big_endian, -600.0, 1200.0), _reference(big_endian))
+    assert len(calls) == 2
+    two_frames = _slice(False, 12, (1.0, -1024.0))
+    two_frames.Rows, two_frames.NumberOfFrames = 16, 2
+    with pytest.raises(ValueError, match="expected one 2-D frame"):
+        unit_from_dataset(two_frames, -600.0, 1200.0)
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_gdcm(
+    signed: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    imagecodecs = pytest.importorskip("imagecodecs")
+    dataset = _slice(signed, 12, (1.0, -1024.0))
+    # A 12-bit stream as DICOM stores signed values: the low 12 bits of each word.
+    words = np.frombuffer(dataset.PixelData, dtype="<u2").reshape(32, 32) & 0x0FFF
+    stream = imagecodecs.jpeg8_encode(words, lossless=True, bitspersample=12, predictor=1)
+    dataset.PixelData = encapsulate([stream])
+    dataset["PixelData"].VR = "OB"
+    dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    by_gdcm = pixel_array(dataset, decoding_plugin="gdcm")
+    decoded = []
+    decode = imagecodecs.jpeg8_decode
+
+    def counted(src: bytes) -> np.ndarray:
+        decoded.append(src)
+        frame: np.ndarray = decode(src)
+        return frame
+
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", counted)
+
+    assert np.array_equal(jpeg_lossless.pixel_array(dataset), by_gdcm)
+    assert decoded == [stream]
 
 
 def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
