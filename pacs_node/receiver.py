@@ -94,6 +94,7 @@ class Receiver:
         storage: Storage,
         store: JobStore,
         admit: Callable[[], str | None] = lambda: None,
+        series_filled: Callable[[], None] = lambda: None,
     ) -> None:
         self.dicom = dicom
         self.intake = intake
@@ -101,6 +102,9 @@ class Receiver:
         self.store = store
         # Returns a reason to refuse new data (back-pressure), or None.
         self.admit = admit
+        # Called when a series holds as many classifiable instances as they say
+        # it has (ImagesInAcquisition): it may be complete by content now.
+        self.series_filled = series_filled
         self._acceptor: Acceptor | None = None
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
@@ -286,6 +290,9 @@ class Receiver:
             # Committed: no row refers to the replaced object's file any more.
             self.storage.remove(recorded.replaced_path)
         self._count(request, info.series_instance_uid, recorded.outcome, info.exclusion_reason)
+        stated = info.images_in_acquisition
+        if info.classifiable and stated is not None and recorded.classifiable_in_series == stated:
+            self.series_filled()
         return Status(SUCCESS)
 
     def _storage_failure(self, request: StoreRequest, error: OSError) -> Status:

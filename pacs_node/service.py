@@ -11,13 +11,16 @@ processes at once.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
 import threading
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from typing import Protocol
 
+from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_node.admission import Admission
@@ -247,7 +250,12 @@ class Node:
                 settings.queue.max_depth,
             )
             self.receiver = Receiver(
-                settings.dicom, settings.intake, storage, store, admit=admission.refusal
+                settings.dicom,
+                settings.intake,
+                storage,
+                store,
+                admit=admission.refusal,
+                series_filled=self._assemble_now,
             )
             self.receiver.start()
         self._scheduler.start()
@@ -313,6 +321,11 @@ class Node:
                 "infer process failed to start; trying again",
                 extra={"action": "infer", "reason": str(error)},
             )
+
+    def _assemble_now(self) -> None:
+        """A series may be complete by content: sweep now, not at the next interval."""
+        with contextlib.suppress(JobLookupError):  # stopping: the job is gone
+            self._scheduler.modify_job("assemble", next_run_time=datetime.now(timezone.utc))
 
     def _sweep_with(self, assembler: Assembler) -> Callable[[], None]:
         def sweep() -> None:

@@ -252,3 +252,19 @@ def test_serve_refuses_to_start_when_the_port_is_taken_or_the_model_is_bad(
     completed = broken.run("serve", check=False)
     assert completed.returncode == 2
     assert "inference.model" in completed.stderr and "does not exist" in completed.stderr
+
+
+def test_a_series_complete_by_content_is_queued_at_once_not_at_the_next_sweep(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=3)
+    for path in files:  # slices 1-3, each saying the acquisition has 3 images
+        dataset = pydicom.dcmread(path)
+        dataset.ImagesInAcquisition = 3
+        dataset.save_as(path, enforce_file_format=True)
+    # Neither the quiet period nor the periodic sweep can complete it within the test.
+    slow = {"PACS_NODE_SERIES__QUIET_SECONDS": "600", "PACS_NODE_SERIES__SWEEP_SECONDS": "300"}
+    with NodeProcess(tmp_path / "node", tiny_model, stages="receive", settings=slow) as node:
+        sent = storescu(node.port, "PACSNODE", files)
+        assert sent.returncode == 0, sent.stderr
+        wait_for(lambda: "queued for inference" in node.log, 10, "the series queued")

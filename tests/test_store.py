@@ -328,6 +328,18 @@ def test_series_instances_order_and_filter(store: JobStore) -> None:
 # assembly
 
 
+def test_recording_says_how_many_classifiable_instances_the_series_now_holds(
+    store: JobStore,
+) -> None:
+    """What the receiver compares with ImagesInAcquisition to sweep at once."""
+    counts = [store.record_instance(instance(1, n)).classifiable_in_series for n in (1, 2)]
+    assert counts == [1, 2]
+    assert store.record_instance(instance(1, None, classifiable=False)).classifiable_in_series == 2
+    assert store.record_instance(instance(1, 2)).classifiable_in_series is None  # identical
+    changed = store.record_instance(instance(1, 2, sha256="b" * 64, classifiable=False))
+    assert (changed.outcome, changed.classifiable_in_series) == (InstanceOutcome.CHANGED, 1)
+
+
 def test_content_completes_a_series_before_its_quiet_period(store: JobStore) -> None:
     for number in (1, 2, 3):
         store.record_instance(instance(1, number, images_in_acquisition=3))

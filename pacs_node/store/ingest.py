@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass, fields
 from datetime import datetime
 from functools import cache
 
-from sqlalchemy import Connection, Insert, Update, bindparam, case, select, update
-from sqlalchemy.sql.dml import ReturningInsert
+from sqlalchemy import Connection, Insert, bindparam, case, select, update
+from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
 from pacs_node.store.database import insert_ignoring_conflicts
 from pacs_node.store.records import InstanceOutcome, NewInstance, RecordedInstance, SeriesState
@@ -29,14 +29,14 @@ def record_instance(connection: Connection, instance: NewInstance) -> RecordedIn
     connection.execute(statements.create_series, values)
     inserted = connection.execute(statements.insert_instance, values).first()
     if inserted is not None:
-        _add_to_series(
+        classifiable = _add_to_series(
             connection,
             instance.series_instance_uid,
             1,
             int(instance.classifiable),
             instance.received_at,
         )
-        return RecordedInstance(InstanceOutcome.NEW)
+        return RecordedInstance(InstanceOutcome.NEW, classifiable_in_series=classifiable)
 
     existing = connection.execute(
         select(
@@ -64,24 +64,24 @@ def record_instance(connection: Connection, instance: NewInstance) -> RecordedIn
     old_series, old_classifiable = existing.series_instance_uid, int(existing.classifiable)
     new_classifiable = int(instance.classifiable)
     if old_series == instance.series_instance_uid:
-        _add_to_series(
+        classifiable = _add_to_series(
             connection, old_series, 0, new_classifiable - old_classifiable, instance.received_at
         )
     else:
         # The series it left changed as well: reopen it so it is reported again.
         _add_to_series(connection, old_series, -1, -old_classifiable, None)
-        _add_to_series(
+        classifiable = _add_to_series(
             connection, instance.series_instance_uid, 1, new_classifiable, instance.received_at
         )
     replaced = existing.path if existing.path != instance.path else None
-    return RecordedInstance(InstanceOutcome.CHANGED, replaced)
+    return RecordedInstance(InstanceOutcome.CHANGED, replaced, classifiable)
 
 
 @dataclass(frozen=True)
 class _Statements:
     create_series: Insert
     insert_instance: ReturningInsert[str]
-    add_to_series: Update
+    add_to_series: ReturningUpdate[int]
 
 
 @cache
@@ -122,6 +122,7 @@ def _statements(dialect: str) -> _Statements:
                 else_=SeriesRow.last_received_at,
             ),
         )
+        .returning(SeriesRow.classifiable_count)
     )
     return _Statements(create_series, insert_instance, add_to_series)
 
@@ -132,8 +133,9 @@ def _add_to_series(
     instances: int,
     classifiable: int,
     received_at: datetime | None,
-) -> None:
-    connection.execute(
+) -> int:
+    """Change the series' counts; returns its classifiable count after the change."""
+    return connection.execute(
         _statements(connection.dialect.name).add_to_series,
         {
             "p_series": series_instance_uid,
@@ -141,4 +143,4 @@ def _add_to_series(
             "p_classifiable": classifiable,
             "p_received": received_at,
         },
-    )
+    ).scalar_one()

@@ -52,6 +52,9 @@ class RecordedInstance:
     # CHANGED the replaced object's; for IDENTICAL the copy just written of an
     # instance whose file retention removed (its series was reported long ago).
     replaced_path: str | None = None
+    # Classifiable instances of the instance's series after this one was recorded;
+    # None when the series did not change (IDENTICAL).
+    classifiable_in_series: int | None = None
 
 
 @dataclass(frozen=True)
