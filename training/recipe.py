@@ -35,7 +35,9 @@ class Recipe:
     # One-cycle schedule per phase: linear warm-up over this fraction, then cosine.
     warmup_fraction: float = 0.15
     label_smoothing: float = 0.1
-    balance: Balance = "loss"
+    # No class balancing: weighting the loss by inverse class frequency made the
+    # network call many normal slices benign (training/README.md, "none30").
+    balance: Balance = "none"
     # Exponential moving average of the weights; evaluated and exported
     # instead of the raw weights because it is far steadier epoch to epoch.
     ema_decay: float = 0.99
