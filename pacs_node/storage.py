@@ -14,7 +14,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -93,12 +93,14 @@ class IncomingFile:
     def finish(self) -> Syncing[ReceivedFile]:
         """The file is complete: it is synced and closed in the background."""
         received = ReceivedFile(self.path, self._size, self._digest.hexdigest())
-        return Syncing(received, _in_background(self._syncs, self._sync_and_close))
+        if self._syncs is None:
+            self._stream.close()
+            return Syncing(received, _done())
+        return Syncing(received, self._syncs.submit(self._sync_and_close))
 
     def _sync_and_close(self) -> None:
         try:
-            if self._syncs is not None:
-                os.fsync(self._stream.fileno())
+            os.fsync(self._stream.fileno())
         except BaseException:
             self.discard()
             raise
@@ -228,7 +230,9 @@ class Storage:
             received.path.unlink(missing_ok=True)
             raise
         written = WrittenFile(relative_path, received.size, received.sha256)
-        return Syncing(written, _in_background(self._syncs, lambda: _fsync_folder(final.parent)))
+        if self._syncs is None:
+            return Syncing(written, _done())
+        return Syncing(written, self._syncs.submit(_fsync_folder, final.parent))
 
     def _make_folders(self, folder: Path) -> None:
         """Create `folder` and its missing parents, syncing each new entry."""
@@ -257,17 +261,10 @@ class Storage:
         return removed
 
 
-def _in_background(syncs: Executor | None, sync: Callable[[], None]) -> Future[None]:
-    """`sync` running on `syncs`, or run now when there is no executor (no fsync)."""
-    if syncs is not None:
-        return syncs.submit(sync)
+def _done() -> Future[None]:
+    """A finished future: what `Syncing` holds when nothing is synced (no fsync)."""
     done: Future[None] = Future()
-    try:
-        sync()
-    except BaseException as error:
-        done.set_exception(error)
-    else:
-        done.set_result(None)
+    done.set_result(None)
     return done
 
 

@@ -75,3 +75,17 @@ def test_invalid_uids_cannot_name_a_file(uid: str) -> None:
 def test_valid_uids_pass() -> None:
     assert check_uid("1.2.840.10008.5.1.4.1.1.2", "SOPClassUID") == "1.2.840.10008.5.1.4.1.1.2"
     assert check_uid("0.1.0", "X") == "0.1.0"
+
+
+def test_with_fsync_off_nothing_is_synced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fsync", synced.append)
+    storage = Storage(tmp_path / "root", fsync=False)
+    incoming = storage.incoming_file(header=b"META")
+    incoming.write(b"abc")
+    written = storage.adopt_instance(
+        "1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish().wait()
+    ).wait()
+    storage.write("reports/1.2.3/1.2.3.9.dcm", [b"report"])
+    assert storage.absolute(written.relative_path).read_bytes() == b"METAabc"
+    assert synced == []
