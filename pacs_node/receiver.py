@@ -208,7 +208,7 @@ class Receiver:
     def _incoming_file(self, request: StoreRequest, header: bytes) -> IncomingFile:
         """The association's file made ahead (or a new one), and the next made ahead."""
         with self._lock:
-            state = self._associations.setdefault(id(request.association), _AssociationState())
+            state = self._state(request.association)
             ready, state.next_file = state.next_file, self.storage.incoming_file_ahead()
         if ready is None:
             return self.storage.incoming_file(header)
@@ -295,6 +295,10 @@ class Receiver:
             self.series_filled()
         return Status(SUCCESS)
 
+    def _state(self, association: Association) -> _AssociationState:
+        """The association's state; the caller holds `_lock`."""
+        return self._associations.setdefault(id(association), _AssociationState())
+
     def _storage_failure(self, request: StoreRequest, error: OSError) -> Status:
         return self._refuse(
             OUT_OF_RESOURCES,
@@ -317,8 +321,7 @@ class Receiver:
     def _counted(self, request: StoreRequest, status: Status) -> Status:
         if status.code != SUCCESS:
             with self._lock:
-                tally = self._associations.setdefault(id(request.association), _AssociationState())
-                tally.failed += 1
+                self._state(request.association).failed += 1
         return status
 
     def _count(
@@ -330,16 +333,16 @@ class Receiver:
     ) -> None:
         peer_ae = request.association.calling_ae
         with self._lock:
-            tally = self._associations.setdefault(id(request.association), _AssociationState())
+            state = self._state(request.association)
             if outcome is InstanceOutcome.IDENTICAL:
-                tally.duplicates += 1
+                state.duplicates += 1
             else:
-                tally.stored += 1
+                state.stored += 1
             first_exclusion = (
-                exclusion is not None and (series_uid, exclusion) not in tally.reported_exclusions
+                exclusion is not None and (series_uid, exclusion) not in state.reported_exclusions
             )
             if first_exclusion and exclusion is not None:
-                tally.reported_exclusions.add((series_uid, exclusion))
+                state.reported_exclusions.add((series_uid, exclusion))
         if outcome is InstanceOutcome.CHANGED:
             log.warning(
                 "instance replaced by a different object with the same SOP Instance UID",
