@@ -142,6 +142,8 @@ class InferenceSettings(Section):
     model: Path = BUNDLED_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
+    # Threads that read and decode the next batch while the model runs the current one.
+    decode_threads: int = Field(default=2, ge=1, le=64)
     # CPU priority (nice) of the infer process a receiving `serve` starts: it
     # gets the CPU the receiver leaves, so C-STOREs stay fast during inference.
     nice: int = Field(default=19, ge=0, le=19)

@@ -193,7 +193,9 @@ def load_classifier(settings: Settings) -> SeriesClassifier:
     except RuntimeError as error:
         raise ConfigurationError(f"inference.device: {error}") from error
     freeze_long_lived_objects()
-    return SeriesClassifier(predictor, settings.inference.batch_size)
+    return SeriesClassifier(
+        predictor, settings.inference.batch_size, settings.inference.decode_threads
+    )
 
 
 def freeze_long_lived_objects() -> None:

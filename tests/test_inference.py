@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import threading
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,8 @@ from models.artifact import load_artifact
 from models.predictor import SlicePredictor
 from models.preprocessing import Preprocessing, tensor_from_dataset
 from pacs_node import inference
-from pacs_node.inference import REFERENCE_KEYWORDS, SeriesClassifier
+from pacs_node.config import InferenceSettings, Settings
+from pacs_node.inference import REFERENCE_KEYWORDS, SeriesClassifier, load_classifier
 from pacs_node.report import ReportingNode, build_report
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
@@ -62,3 +64,27 @@ def test_while_a_cpu_classifies_torch_runs_one_thread_and_no_garbage_collection(
     assert seen == [(1, False)] * 3
     assert torch.get_num_threads() == before
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize("threads", [2, 3])
+def test_inference_decode_threads_decode_that_many_slices_at_once(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, threads: int
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=threads)
+    settings = Settings(
+        inference=InferenceSettings(
+            model=tiny_model, device="cpu", batch_size=threads, decode_threads=threads
+        )
+    )
+    classifier = load_classifier(settings)
+    # Each decode waits until `threads` decodes are under way: fewer threads would time out.
+    all_decoding = threading.Barrier(threads, timeout=10)
+
+    def together(dataset: Dataset, preprocessing: Preprocessing) -> torch.Tensor:
+        all_decoding.wait()
+        return tensor_from_dataset(dataset, preprocessing)
+
+    monkeypatch.setattr(inference, "tensor_from_dataset", together)
+    classification = classifier.classify(files)
+    assert classification.skipped == []
+    assert len(classification.slices) == threads
