@@ -2,17 +2,25 @@
 
     .venv/bin/python -m tests.benchmarks.inference [--slices 300] [--batch-size 16]
         [--model ARTIFACT] [--device cpu|cuda] [--rounds 3] [--compile]
+        [--decode-threads 2 [N ...]]
 
 The stage: read each file, decode (uncompressed, or JPEG Lossless made with
 DCMTK's dcmcjpeg), preprocess, forward, aggregate, build the SR and write it
-durably. The model-only reference: the node's own forward pass (SlicePredictor)
-on the same slices already turned into tensors, same batch size, same device,
-same process. On a CPU the table also shows the other ways to run the network
-(eager fp32, channels-last, frozen TorchScript, and with --compile
-torch.compile, which compiles for ~25 s): their throughput, set-up time and
-largest probability difference from eager fp32 on the same slices, so the
-node's choice can be checked. Rounds alternate between the cases; the table
-shows medians and the last lines the ratios.
+durably, once per number of decode threads asked for. The model-only
+reference: the node's own forward pass (SlicePredictor) on the same slices
+already turned into tensors, same batch size, same device, same process.
+The table also shows the other ways to run the network, their throughput,
+set-up time and largest probability difference from the first of them on
+the same slices, so the node's choice can be checked:
+- on a CPU: eager fp32, channels-last, frozen TorchScript;
+- on CUDA: eager fp32, bf16 autocast, fp16 weights, a CUDA graph of the
+  node's fp16 forward pass, and the node's forward pass on the CPU (ONNX
+  Runtime), so that both devices can be seen to give the same classes; then
+  the ceiling: the node's network on inputs already on the GPU, at larger
+  batches;
+- with --compile, torch.compile (compiles for ~25 s).
+Rounds alternate between the cases; the table shows medians and the last
+lines the ratios.
 """
 
 from __future__ import annotations
@@ -61,7 +69,7 @@ def model_only(predict: Predict, device: torch.device, batches: list[torch.Tenso
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def torch_variants(artifact: Artifact, compile: bool) -> dict[str, Callable[[], Forward]]:
+def cpu_variants(artifact: Artifact) -> dict[str, Callable[[], Forward]]:
     """Builders of the other ways to run the network on a CPU."""
 
     def channels_last() -> Forward:
@@ -76,24 +84,141 @@ def torch_variants(artifact: Artifact, compile: bool) -> dict[str, Callable[[], 
             )
             return torch.jit.optimize_for_inference(torch.jit.freeze(traced))
 
-    builders: dict[str, Callable[[], Forward]] = {
+    return {
         "eager fp32": artifact.build_network,
         "channels-last": channels_last,
         "torchscript frozen": torchscript,
     }
-    if compile:
-        builders["torch.compile"] = lambda: torch.compile(artifact.build_network())
-    return builders
+
+
+def cuda_variants(artifact: Artifact, batch_size: int) -> dict[str, Callable[[], Forward]]:
+    """Builders of the other ways to run the network on CUDA (all channels-last but fp32)."""
+    cuda = torch.device("cuda")
+
+    def network() -> torch.nn.Module:
+        return artifact.build_network().to(cuda).to(memory_format=torch.channels_last)
+
+    def on_gpu(batch: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return batch.to(cuda, dtype, memory_format=torch.channels_last)
+
+    def eager_fp32() -> Forward:
+        fp32 = artifact.build_network().to(cuda)
+        return lambda batch: fp32(batch.to(cuda))
+
+    def bf16_autocast() -> Forward:
+        model = network()
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                logits: torch.Tensor = model(on_gpu(batch))
+            return logits
+
+        return forward
+
+    def fp16_weights() -> Forward:
+        half = network().half()
+        return lambda batch: half(on_gpu(batch, torch.float16))
+
+    def cuda_graph() -> Forward:
+        """The node's fp16 forward pass captured once for a full batch and replayed.
+
+        A shorter last batch is padded with zeros; only its own rows are returned.
+        """
+        model = network()
+        size = artifact.manifest.preprocessing.input_size
+        static_input = on_gpu(torch.zeros(batch_size, 3, size, size))
+        side = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side), torch.autocast("cuda", dtype=torch.float16):
+            for _ in range(3):  # warm-up outside the capture, as CUDA graphs need
+                model(static_input)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.autocast("cuda", dtype=torch.float16):
+            static_output: torch.Tensor = model(static_input)
+
+        def forward(batch: torch.Tensor) -> torch.Tensor:
+            count = len(batch)
+            static_input[:count].copy_(batch, non_blocking=True)
+            static_input[count:].zero_()
+            graph.replay()
+            return static_output[:count]
+
+        return forward
+
+    return {
+        "eager fp32": eager_fp32,
+        "bf16 autocast": bf16_autocast,
+        "fp16 weights": fp16_weights,
+        "CUDA graph (fp16 autocast)": cuda_graph,
+    }
 
 
 def as_predict(forward: Forward) -> Predict:
-    """A forward pass as the node runs it: no autograd, softmax, numpy."""
+    """A forward pass as the node runs it: no autograd, softmax in fp32, numpy."""
 
     @torch.inference_mode()
     def predict(batch: torch.Tensor) -> np.ndarray:
-        return torch.softmax(forward(batch), dim=1).numpy().astype(np.float64)
+        return torch.softmax(forward(batch).float(), dim=1).cpu().numpy().astype(np.float64)
 
     return predict
+
+
+def variants(
+    artifact: Artifact, device: torch.device, batch_size: int, compile: bool
+) -> dict[str, Callable[[], Predict]]:
+    """Builders of the predicts compared with the node's, for `device`."""
+    if device.type == "cpu":
+        forwards = cpu_variants(artifact)
+    else:
+        forwards = cuda_variants(artifact, batch_size)
+    builders = {name: _predicting(build) for name, build in forwards.items()}
+    if compile:
+        if device.type == "cpu":
+            builders["torch.compile"] = lambda: as_predict(torch.compile(artifact.build_network()))
+        else:
+            builders["torch.compile (node's forward)"] = lambda: compiled_node(artifact)
+    if device.type == "cuda":
+        # The node's own CPU path: both devices must give the same classes.
+        builders["node on the CPU (ONNX Runtime)"] = lambda: SlicePredictor(artifact, "cpu").predict
+    return builders
+
+
+def _predicting(build: Callable[[], Forward]) -> Callable[[], Predict]:
+    return lambda: as_predict(build())
+
+
+def compiled_node(artifact: Artifact) -> Predict:
+    predictor = SlicePredictor(artifact, "cuda")
+    predictor.network = torch.compile(predictor.network)
+    return predictor.predict
+
+
+def gpu_ceiling(
+    predictor: SlicePredictor, tensors: list[torch.Tensor], batch_sizes: list[int], rounds: int
+) -> dict[int, float]:
+    """Slices/s of the node's CUDA network on inputs already on the GPU, by batch size.
+
+    No host copies, no softmax, no synchronisation but at the end: the most the
+    network itself can do on this GPU, in the node's precision and layout.
+    """
+    network = predictor.network
+    on_gpu = torch.stack(tensors).to("cuda", memory_format=torch.channels_last)
+    rates = {}
+    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+        for size in batch_sizes:
+            batches = [on_gpu[i : i + size] for i in range(0, len(on_gpu), size)]
+            network(batches[0])
+            seconds = []
+            for _ in range(rounds):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                for batch in batches:
+                    network(batch)
+                torch.cuda.synchronize()
+                seconds.append(time.perf_counter() - started)
+            rates[size] = len(on_gpu) / statistics.median(seconds)
+    return rates
 
 
 def whole_stage(classifier: SeriesClassifier, paths: list[Path], storage: Storage) -> float:
@@ -123,6 +248,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--compile", action="store_true", help="also time torch.compile")
+    parser.add_argument(
+        "--decode-threads", type=int, nargs="+", default=[2], help="stage runs, one per count"
+    )
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-inference-") as scratch:
         root = Path(scratch)
@@ -135,7 +263,10 @@ def main(argv: list[str] | None = None) -> int:
         predictor = SlicePredictor(artifact, arguments.device, onnx_cache=root / "onnx")
         set_up = {NODE: time.perf_counter() - started}
         freeze_long_lived_objects()  # as load_classifier does
-        classifier = SeriesClassifier(predictor, arguments.batch_size)
+        classifiers = {
+            threads: SeriesClassifier(predictor, arguments.batch_size, decode_threads=threads)
+            for threads in arguments.decode_threads
+        }
         plain = long_series(root / "plain", arguments.slices)
         lossless = root / "jpeg-lossless"
         lossless.mkdir()
@@ -149,27 +280,28 @@ def main(argv: list[str] | None = None) -> int:
         size = arguments.batch_size
         batches = [torch.stack(tensors[i : i + size]) for i in range(0, len(tensors), size)]
         predicts: dict[str, Predict] = {}
-        if predictor.device.type == "cpu":
-            for name, build in torch_variants(artifact, arguments.compile).items():
-                started = time.perf_counter()
-                predicts[name] = as_predict(build())
-                predicts[name](batches[0])  # torch.compile compiles on its first call
-                set_up[name] = time.perf_counter() - started
+        for name, build in variants(artifact, predictor.device, size, arguments.compile).items():
+            started = time.perf_counter()
+            predicts[name] = build()
+            predicts[name](batches[0])  # torch.compile compiles on its first call
+            set_up[name] = time.perf_counter() - started
         predicts[NODE] = predictor.predict
         reference = np.concatenate([next(iter(predicts.values()))(batch) for batch in batches])
         storage = Storage(root / "var")
         # Warm-up: the first series pays one-time imports and caches (decoders, highdicom's
         # IOD tables), which would otherwise weigh on the median of a few rounds.
         for paths in inputs.values():
-            whole_stage(classifier, paths[: arguments.batch_size], storage)
+            whole_stage(classifiers[arguments.decode_threads[0]], paths[:size], storage)
         seconds: dict[str, list[float]] = defaultdict(list)
         for _ in range(arguments.rounds):
             for name, predict in predicts.items():
                 seconds[name].append(model_only(predict, predictor.device, batches))
             for name, paths in inputs.items():
-                seconds[f"stage, {name}"].append(whole_stage(classifier, paths, storage))
+                for threads, classifier in classifiers.items():
+                    stage = f"stage, {name}, {threads} decode threads"
+                    seconds[stage].append(whole_stage(classifier, paths, storage))
         print(
-            f"{arguments.slices} slices, batch {arguments.batch_size}, {predictor.device}, "
+            f"{arguments.slices} slices, batch {size}, {predictor.device}, "
             f"model {predictor.manifest.model_id}, input {preprocessing.input_size}px, "
             f"torch threads {torch.get_num_threads()}, {arguments.rounds} rounds (medians); "
             f"max |dp| and classes against {next(iter(predicts))}"
@@ -177,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = {
             name: arguments.slices / statistics.median(values) for name, values in seconds.items()
         }
-        print(f"{'':<26} {'slices/s':>8} {'set-up s':>8} {'max |dp|':>9} classes")
+        print(f"{'':<40} {'slices/s':>8} {'set-up s':>8} {'max |dp|':>9} classes")
         for name, rate in rates.items():
-            line = f"{name:<26} {rate:8.1f}"
+            line = f"{name:<40} {rate:8.1f}"
             if name in predicts:
                 probabilities = np.concatenate([predicts[name](batch) for batch in batches])
                 same = (probabilities.argmax(1) == reference.argmax(1)).all()
@@ -187,10 +319,17 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" {set_up[name]:8.1f} {difference:9.1e} {'same' if same else 'DIFFER'}"
             print(line)
         node = rates[NODE]
+        if predictor.device.type == "cuda":
+            ceiling = gpu_ceiling(predictor, tensors, [size, 64, 256], arguments.rounds)
+            for batch_size, rate in ceiling.items():
+                print(f"{f'ceiling: node network, batch {batch_size}, on GPU':<40} {rate:8.1f}")
+            print(f"ratio model-only node/ceiling at batch {size}: {node / ceiling[size]:.2f}")
         for name in list(predicts)[:-1]:
             print(f"ratio model-only node/{name}: {node / rates[name]:.2f}")
         for name in inputs:
-            print(f"ratio stage/model-only ({name}): {rates[f'stage, {name}'] / node:.2f}")
+            for threads in classifiers:
+                stage = f"stage, {name}, {threads} decode threads"
+                print(f"ratio {stage}/model-only: {rates[stage] / node:.2f}")
     return 0
 
 

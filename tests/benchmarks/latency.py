@@ -1,7 +1,7 @@
 """Latency benchmark: from a series' last C-STORE response to its SR acknowledged by the PACS.
 
     .venv/bin/python -m tests.benchmarks.latency [--slices 300] [--rounds 3] [--model ARTIFACT]
-        [--device cpu|cuda]
+        [--device cpu|cuda] [--batch-size 16] [--decode-threads 2]
 
 `pacs-node serve` runs every stage with the settings of config/node.toml
 (quiet period 30 s, so the series must complete by its content), the bundled
@@ -101,6 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--model", type=Path, default=BUNDLED_MODEL)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--decode-threads", type=int, default=2)
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-latency-") as scratch:
         root = Path(scratch)
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                     "PACS_NODE_SERIES__QUIET_SECONDS": "30",
                     "PACS_NODE_QUEUE__POLL_SECONDS": "1",
                     "PACS_NODE_INFERENCE__DEVICE": arguments.device,
+                    "PACS_NODE_INFERENCE__BATCH_SIZE": str(arguments.batch_size),
+                    "PACS_NODE_INFERENCE__DECODE_THREADS": str(arguments.decode_threads),
                 },
             )
             with node:
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
 def print_table(rounds: list[dict[str, float]], arguments: argparse.Namespace) -> None:
     print(
         f"{arguments.slices} uncompressed 512x512 slices, completion by content, model "
-        f"{arguments.model.name}, {arguments.device}; {len(rounds)} round(s), medians and per round"
+        f"{arguments.model.name}, {arguments.device}, batch {arguments.batch_size}, "
+        f"{arguments.decode_threads} decode threads; {len(rounds)} round(s), medians and per round"
     )
     total = statistics.median(r["total"] for r in rounds)
     print(f"{'stage':<14} {'seconds':>8} {'share':>6}  per round")
