@@ -47,7 +47,7 @@ def test_only_the_first_header_is_kept_whole_and_the_report_still_references_eve
     ]
 
 
-def test_while_a_cpu_classifies_torch_runs_one_thread_and_no_garbage_collection(
+def test_while_a_series_is_classified_torch_runs_one_thread_and_no_garbage_collection(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
