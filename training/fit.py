@@ -104,6 +104,12 @@ def load_data(options: FitOptions, recipe: Recipe) -> tuple[TrainVal, Preprocess
     return load_train_val(folder, preprocessing, options.val_fraction, recipe.seed), preprocessing
 
 
+def on_device(network: nn.Module, device: torch.device) -> nn.Module:
+    """The network on `device`; channels-last on CUDA, the layout its inputs get there."""
+    network = network.to(device)
+    return network.to(memory_format=torch.channels_last) if device.type == "cuda" else network
+
+
 def features_of(network: nn.Module) -> nn.Module:
     """MobileNetV2's feature extractor (everything but the classifier head)."""
     features = network.features
@@ -197,15 +203,20 @@ def train_one_epoch(
 def predict(
     network: nn.Module, data: SliceSet, device: torch.device, batch_size: int = 64
 ) -> np.ndarray:
-    """Softmax probabilities (n, classes), computed in fp32 as the node does."""
+    """Softmax probabilities (n, classes), in fp32 on every device, as the node computes them.
+
+    Training runs under fp16 autocast on CUDA, but the epoch is selected and the
+    metrics reported on fp32 outputs: fp16 moved validation probabilities by up to
+    0.09 and balanced accuracy by up to 0.034 (12 runs on an H200), so fp16
+    figures would not be the ones the node's model gives.
+    """
     network.eval()
     outputs = []
     for start in range(0, len(data), batch_size):
         inputs = data.inputs[start : start + batch_size].to(device)
         if device.type == "cuda":
             inputs = inputs.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-            logits = network(inputs)
+        logits = network(inputs)
         outputs.append(torch.softmax(logits.float(), dim=1).cpu())
     return torch.cat(outputs).numpy().astype(np.float64)
 
@@ -432,9 +443,7 @@ def fit(options: FitOptions, recipe: Recipe) -> FitResult:
     device = resolve_device(options.device)
     data, preprocessing = load_data(options, recipe)
     network, initialisation = initialise(options.init, len(data.train.classes), recipe.dropout)
-    network = network.to(device)
-    if device.type == "cuda":
-        network = network.to(memory_format=torch.channels_last)
+    network = on_device(network, device)
     print(f"initialisation: {initialisation.source}; device: {device}")
     checkpoint = None
     if options.resume:
