@@ -20,7 +20,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from models.predictor import resolve_device
 from models.preprocessing import Preprocessing
 from training.datasets import SliceSet
-from training.fit import evaluate, seed_everything, train_network
+from training.fit import evaluate, on_device, seed_everything, train_network
 from training.init import initialise
 from training.metrics import summary_line
 from training.recipe import Recipe
@@ -78,7 +78,7 @@ def cross_validate(
         started = time.monotonic()
         generator = seed_everything(recipe.seed + number, deterministic)
         network, initialisation = initialise(init, len(data.classes), recipe.dropout)
-        network = network.to(device)
+        network = on_device(network, device)
         train, test = data.subset(train_index.tolist()), data.subset(test_index.tolist())
         trained = train_network(
             network, initialisation, train, None, recipe, preprocessing, device, generator
