@@ -153,9 +153,10 @@ def _one_torch_thread() -> Iterator[None]:
     resize, the stack and the softmax, would only spin beside them. On a CPU they
     also compete with ONNX Runtime's threads: without them the stage ran 8% faster
     on JPEG Lossless, ~3% (within the noise) on uncompressed slices (2 cores, 3
-    alternating runs). With CUDA on a 16-core host, each decode thread's resize
-    started 16 of them: the stage slowed from 336 to 250 slices/s as decode threads
-    went from 2 to 16. The count also holds for the decode threads started meanwhile.
+    alternating runs). On the one CUDA host measured (H200, 16-core Xeon) it made no
+    measurable difference (302 against 336 slices/s at 2 decode threads, within the
+    spread between runs); one rule serves every device. The count also holds for the
+    decode threads started meanwhile.
     """
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
