@@ -11,7 +11,7 @@ same series at once neither collide nor lose an update.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import cache
 
@@ -25,7 +25,8 @@ from pacs_node.store.schema import InstanceRow, SeriesRow, UTCDateTime
 
 def record_instance(connection: Connection, instance: NewInstance) -> RecordedInstance:
     statements = _statements(connection.dialect.name)
-    values = asdict(instance)
+    # Not dataclasses.asdict: its deep copy took a third of this function's CPU time.
+    values = {field.name: getattr(instance, field.name) for field in fields(instance)}
     connection.execute(statements.create_series, values)
     inserted = connection.execute(statements.insert_instance, values).first()
     if inserted is not None:
