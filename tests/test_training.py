@@ -8,6 +8,7 @@ otherwise. Nothing is downloaded.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -109,6 +110,23 @@ def test_two_epochs_lower_the_loss(tmp_path: Path) -> None:
     assert len(losses) == 2
     assert losses[1] < losses[0]
     assert (tmp_path / "run" / "checkpoint.pt").is_file()
+
+
+def test_a_resumed_fit_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    data = make_image_folder(tmp_path / "data", per_class=12)
+    recipe = dataclasses.replace(TINY_RECIPE, dropout=0.5)  # dropout draws from torch's RNG
+
+    def run(name: str, **options: Any) -> list[float]:
+        result = fit(
+            FitOptions(data=data, output=tmp_path / name, init="random", device="cpu", **options),
+            recipe,
+        )
+        return [row["train_loss"] for row in result.history]
+
+    whole = run("whole")
+    # A time limit already passed stops the run after its first epoch.
+    assert len(run("resumed", max_minutes=1e-9)) == 1
+    assert run("resumed", resume=True) == whole
 
 
 def test_metrics_on_a_hand_checked_case() -> None:

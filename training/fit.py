@@ -320,6 +320,7 @@ def train_network(
             history=list(checkpoint["history"]),
         )
         generator.set_state(checkpoint["generator"])
+        _restore_global_generators(checkpoint, device)
         print(f"resuming after epoch {state.epoch}")
     scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
     steps_per_epoch = len(list(batches(train, recipe, torch.Generator().manual_seed(0))))
@@ -398,6 +399,7 @@ def train_network(
                         "scheduler": scheduler.state_dict(),
                         "scaler": scaler.state_dict(),
                         "generator": generator.get_state(),
+                        **_global_generators(device),
                         "best_weights": best_weights,
                         "best_score": list(state.best_score),
                         "best_epoch": state.best_epoch,
@@ -419,6 +421,22 @@ def train_network(
             break
     network.load_state_dict(best_weights if val is not None else _copy(ema.module))
     return Trained(network.eval(), state)
+
+
+def _global_generators(device: torch.device) -> dict[str, Any]:
+    """torch's global generators, which draw the dropout masks."""
+    cuda = torch.cuda.get_rng_state_all() if device.type == "cuda" else []
+    return {"torch_rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+
+def _restore_global_generators(checkpoint: dict[str, Any], device: torch.device) -> None:
+    if "torch_rng" not in checkpoint:  # written before pacs-train saved them
+        print("the checkpoint has no global generator state: dropout will differ from a run")
+        print("that was not interrupted")
+        return
+    torch.set_rng_state(checkpoint["torch_rng"])
+    if device.type == "cuda" and checkpoint["cuda_rng"]:
+        torch.cuda.set_rng_state_all(checkpoint["cuda_rng"])
 
 
 def _copy(network: nn.Module) -> dict[str, torch.Tensor]:
