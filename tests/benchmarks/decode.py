@@ -1,0 +1,106 @@
+"""Decode benchmark: slices/s of the infer stage's decoding alone, in threads and in processes.
+
+    .venv/bin/python -m tests.benchmarks.decode [--slices 300] [--workers 1 2 4 8 16]
+        [--rounds 3]
+
+Each worker reads a slice with pydicom and turns it into the model's input
+(`models.preprocessing.tensor_from_dataset`), four slices per task, with
+torch at one thread, as the infer stage's decode threads do. Threads share
+one GIL; processes (spawned) do not, but send each input back through a
+pipe. The table shows, per worker count, the median rate of the rounds and
+the CPU the main process spent per slice; the last lines the ratios
+processes/threads. It tells whether decoding in processes would feed a
+fast model (a GPU) better than the node's decode threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import torch
+
+from models.artifact import load_artifact
+from models.manifest import Preprocessing
+from models.preprocessing import tensor_from_dataset
+from pacs_node.config import BUNDLED_MODEL
+from tests.benchmarks.series import long_series
+
+SLICES_PER_TASK = 4
+
+
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def decode(paths: list[Path], preprocessing: Preprocessing) -> list[np.ndarray]:
+    return [tensor_from_dataset(pydicom.dcmread(path), preprocessing).numpy() for path in paths]
+
+
+def pools(workers: int) -> dict[str, Callable[[], Executor]]:
+    spawn = multiprocessing.get_context("spawn")
+    return {
+        "threads": lambda: ThreadPoolExecutor(workers),
+        "processes": lambda: ProcessPoolExecutor(
+            workers, mp_context=spawn, initializer=_one_torch_thread
+        ),
+    }
+
+
+def rate(
+    pool: Executor, tasks: list[list[Path]], preprocessing: Preprocessing
+) -> tuple[float, float]:
+    """Slices/s and main-process CPU ms per slice for one pass over `tasks`."""
+    slices = sum(len(task) for task in tasks)
+    started, cpu = time.perf_counter(), time.process_time()
+    for _ in pool.map(decode, tasks, [preprocessing] * len(tasks)):
+        pass
+    seconds = time.perf_counter() - started
+    return slices / seconds, (time.process_time() - cpu) / slices * 1e3
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    parser.add_argument("--rounds", type=int, default=3)
+    arguments = parser.parse_args(argv)
+    _one_torch_thread()
+    preprocessing = load_artifact(BUNDLED_MODEL).manifest.preprocessing
+    with tempfile.TemporaryDirectory(prefix="pacs-node-decode-") as scratch:
+        paths = long_series(Path(scratch), arguments.slices)
+        tasks = [paths[i : i + SLICES_PER_TASK] for i in range(0, len(paths), SLICES_PER_TASK)]
+        print(
+            f"{arguments.slices} uncompressed 512x512 slices, {SLICES_PER_TASK} per task, "
+            f"{arguments.rounds} rounds (medians)"
+        )
+        print(f"{'':<22} {'slices/s':>8} {'main CPU ms/slice':>18}")
+        medians: dict[tuple[str, int], float] = {}
+        for workers in arguments.workers:
+            for name, make in pools(workers).items():
+                with make() as pool:
+                    rate(pool, tasks[: 2 * workers], preprocessing)  # start the workers
+                    results = [rate(pool, tasks, preprocessing) for _ in range(arguments.rounds)]
+                slices_per_second = statistics.median(r[0] for r in results)
+                main_cpu = statistics.median(r[1] for r in results)
+                medians[name, workers] = slices_per_second
+                label = f"{name}, {workers} workers"
+                print(f"{label:<22} {slices_per_second:8.0f} {main_cpu:18.2f}")
+        for workers in arguments.workers:
+            ratio = medians["processes", workers] / medians["threads", workers]
+            print(f"ratio processes/threads, {workers} workers: {ratio:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
