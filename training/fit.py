@@ -431,8 +431,7 @@ def _global_generators(device: torch.device) -> dict[str, Any]:
 
 def _restore_global_generators(checkpoint: dict[str, Any], device: torch.device) -> None:
     if "torch_rng" not in checkpoint:  # written before pacs-train saved them
-        print("the checkpoint has no global generator state: dropout will differ from a run")
-        print("that was not interrupted")
+        print("the checkpoint holds no global generator state: the dropout masks will differ")
         return
     torch.set_rng_state(checkpoint["torch_rng"])
     if device.type == "cuda" and checkpoint["cuda_rng"]:
