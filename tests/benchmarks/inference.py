@@ -120,7 +120,7 @@ def cuda_variants(artifact: Artifact, batch_size: int) -> dict[str, Callable[[],
         return lambda batch: half(on_gpu(batch, torch.float16))
 
     def cuda_graph() -> Forward:
-        """The node's fp16 forward pass captured once for a full batch and replayed.
+        """The fp16 autocast forward pass captured once for a full batch and replayed.
 
         A shorter last batch is padded with zeros; only its own rows are returned.
         """
