@@ -147,6 +147,9 @@ class InferenceSettings(Section):
     # CPU priority (nice) of the infer process a receiving `serve` starts: it
     # gets the CPU the receiver leaves, so C-STOREs stay fast during inference.
     nice: int = Field(default=19, ge=0, le=19)
+    # That infer process waits between batches while C-STOREs arrive, at most
+    # this long per batch (0: never), so that receiving keeps its idle speed.
+    pause_while_receiving_seconds: float = Field(default=2.0, ge=0, le=60)
     max_attempts: int = Field(default=3, ge=1)
 
 

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.logs import configure_logging
+from pacs_node.reception import Reception
 
 log = logging.getLogger(__name__)
 
@@ -74,10 +75,17 @@ class PipeWake:
 
 
 class InferProcess:
-    def __init__(self, settings: Settings, infer_wake: PipeWake, send_wake: PipeWake) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        infer_wake: PipeWake,
+        send_wake: PipeWake,
+        reception: Reception | None = None,
+    ) -> None:
         self.settings = settings
         self.infer_wake = infer_wake
         self.send_wake = send_wake
+        self.reception = reception
         self._process: multiprocessing.process.BaseProcess | None = None
 
     def start(self) -> ModelInfo:
@@ -88,7 +96,7 @@ class InferProcess:
         settings = Settings.model_construct(**dict(self.settings))
         process = _CONTEXT.Process(
             target=_child_main,
-            args=(settings, sending, self.infer_wake, self.send_wake, os.getpid()),
+            args=(settings, sending, self.infer_wake, self.send_wake, self.reception, os.getpid()),
             name="pacs-node-infer",
             # Should the parent fail to stop it, multiprocessing ends it at exit.
             daemon=True,
@@ -133,7 +141,12 @@ class InferProcess:
 
 
 def _child_main(
-    settings: Settings, report: Connection, infer_wake: PipeWake, send_wake: PipeWake, parent: int
+    settings: Settings,
+    report: Connection,
+    infer_wake: PipeWake,
+    send_wake: PipeWake,
+    reception: Reception | None,
+    parent: int,
 ) -> None:
     # Imported here: service imports this module.
     from pacs_node.service import Node
@@ -143,7 +156,7 @@ def _child_main(
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent decides
-    node = Node(settings, ["infer"], wakes=(infer_wake, send_wake))
+    node = Node(settings, ["infer"], wakes=(infer_wake, send_wake), reception=reception)
     try:
         node.start()
     except PacsNodeError as error:

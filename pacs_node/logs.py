@@ -23,11 +23,13 @@ FIELDS = (
     "reason",
     "count",
     # Where a series' time went: waiting (for its last instance, or in the
-    # queue), decoding, the model's forward passes, the SR, and the whole job.
+    # queue), decoding, the model's forward passes, the SR, giving way to
+    # C-STOREs between batches, and the whole job.
     "wait_seconds",
     "decode_seconds",
     "forward_seconds",
     "report_seconds",
+    "receiving_wait_seconds",
     "seconds",
 )
 

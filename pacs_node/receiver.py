@@ -95,6 +95,7 @@ class Receiver:
         store: JobStore,
         admit: Callable[[], str | None] = lambda: None,
         series_filled: Callable[[], None] = lambda: None,
+        on_store: Callable[[], None] = lambda: None,
     ) -> None:
         self.dicom = dicom
         self.intake = intake
@@ -105,6 +106,8 @@ class Receiver:
         # Called when a series holds as many classifiable instances as they say
         # it has (ImagesInAcquisition): it may be complete by content now.
         self.series_filled = series_filled
+        # Called as each C-STORE begins (the infer process gives way to receiving).
+        self.on_store = on_store
         self._acceptor: Acceptor | None = None
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
@@ -189,6 +192,7 @@ class Receiver:
     # --- C-STORE ------------------------------------------------------------------
 
     def prepare_store(self, request: StoreRequest, header: bytes) -> DataSetSink | Status:
+        self.on_store()
         refusal = self.admit()
         if refusal is not None:
             log.warning(

@@ -29,6 +29,7 @@ from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.infer_process import InferProcess, ModelInfo, PipeWake
 from pacs_node.receiver import Receiver
+from pacs_node.reception import Reception
 from pacs_node.report import ReportingNode
 from pacs_node.retention import Retention
 from pacs_node.sender import SendStage
@@ -103,8 +104,10 @@ class Node:
         settings: Settings,
         stages: Sequence[str] = STAGES,
         wakes: tuple[Wake, Wake] | None = None,
+        reception: Reception | None = None,
     ) -> None:
-        """`wakes`: the (infer, send) events shared with a parent `serve`, if any."""
+        """`wakes`: the (infer, send) events shared with a parent `serve`, if any;
+        `reception`: that parent's receiving activity, to give way to."""
         unknown = sorted(set(stages) - set(STAGES))
         if unknown or not stages:
             raise ConfigurationError(
@@ -117,6 +120,7 @@ class Node:
         infer_elsewhere = "infer" in self.stages and "receive" in self.stages
         self._infer_process: InferProcess | None = None
         self._shared_wakes = (PipeWake(), PipeWake()) if infer_elsewhere else None
+        self._reception = Reception() if infer_elsewhere else reception
         self._infer_wake: Wake
         self._send_wake: Wake
         self._infer_wake, self._send_wake = (
@@ -146,7 +150,7 @@ class Node:
         # and send-only processes never need.
         classifier = None
         if self._shared_wakes is not None:
-            self._infer_process = InferProcess(settings, *self._shared_wakes)
+            self._infer_process = InferProcess(settings, *self._shared_wakes, self._reception)
             self.model = self._infer_process.start()
         elif "infer" in self.stages:
             from pacs_node.inference import load_classifier
@@ -229,6 +233,7 @@ class Node:
                 reporting_node(settings),
                 [destination.key for destination in settings.results.destinations],
                 send_max_attempts=settings.results.max_attempts,
+                give_way=self._give_way(settings.inference.pause_while_receiving_seconds),
             )
             self._add_loop(
                 "infer", infer.run_once, self._infer_wake, after_work=self._send_wake.set
@@ -256,6 +261,7 @@ class Node:
                 store,
                 admit=admission.refusal,
                 series_filled=self._assemble_now,
+                on_store=self._reception.stored if self._reception else lambda: None,
             )
             self.receiver.start()
         self._scheduler.start()
@@ -270,6 +276,13 @@ class Node:
                 coalesce=True,
                 id="watch-infer",
             )
+
+    def _give_way(self, limit_seconds: float) -> Callable[[], float]:
+        """What the infer stage calls between batches: wait for the parent's receiver."""
+        reception = self._reception
+        if reception is None:
+            return lambda: 0.0
+        return lambda: reception.give_way(limit_seconds)
 
     def describe(self) -> str:
         """What runs, for the ready line: stages, port, model, destinations."""

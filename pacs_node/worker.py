@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
@@ -40,13 +40,17 @@ class InferenceStage(JobStage):
         node: ReportingNode,
         destinations: Sequence[str],
         send_max_attempts: int,
+        give_way: Callable[[], float] = lambda: 0.0,
     ) -> None:
+        """`give_way` runs between batches and returns the seconds it waited for the
+        receiver (see `pacs_node.reception`)."""
         super().__init__(store, worker)
         self.storage = storage
         self.classifier = classifier
         self.node = node
         self.destinations = list(destinations)
         self.send_max_attempts = send_max_attempts
+        self.give_way = give_way
 
     @property
     def manifest(self) -> Manifest:
@@ -57,7 +61,14 @@ class InferenceStage(JobStage):
         if not instances:
             raise PermanentError("the series has no classifiable instance")
         paths = [self.storage.absolute(instance.path) for instance in instances]
-        classification = self.classifier.classify(paths, on_batch=lambda: self.renew(job))
+        waited = 0.0
+
+        def between_batches() -> None:
+            nonlocal waited
+            waited += self.give_way()
+            self.renew(job)
+
+        classification = self.classifier.classify(paths, on_batch=between_batches)
         for name, reason in classification.skipped:
             log.warning(
                 "slice not classified",
@@ -97,6 +108,7 @@ class InferenceStage(JobStage):
                 "decode_seconds": classification.decode_seconds,
                 "forward_seconds": classification.forward_seconds,
                 "report_seconds": report_seconds,
+                "receiving_wait_seconds": waited,
             },
         )
 

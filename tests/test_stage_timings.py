@@ -75,6 +75,7 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
         ReportingNode(ae_title="TEST"),
         destinations=[],
         send_max_attempts=1,
+        give_way=lambda: 0.25,  # as if C-STOREs arrived after each batch
     )
     with caplog.at_level(logging.INFO):
         # Complete by content 1.5 s after the last instance.
@@ -91,6 +92,7 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
     timings = logged_fields(classified)
     names = {"wait_seconds", "decode_seconds", "forward_seconds", "report_seconds", "seconds"}
     assert names <= timings.keys()
+    assert timings["receiving_wait_seconds"] == "0.50"  # two batches of at most 2 slices
     # Logged to 0.01 s: a tiny model on ONNX Runtime may well take less.
     assert all(float(timings[name]) >= 0 for name in names)
     # The job was due at T0 + 1.5 s and claimed just now: its queue wait is that gap.

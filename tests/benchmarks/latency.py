@@ -15,7 +15,8 @@ node records right after the destination answered the SR's C-STORE. A
 Where the time goes, from the job events and the node's log fields:
 assembly wait (last response -> inference job queued), queue wait (queued
 -> claimed), decode (the model waiting for decoded slices), forward (the
-forward passes), report (SR built, written, result committed), other infer
+forward passes), report (SR built, written, result committed), receiving wait
+(the infer process giving way to C-STOREs between batches), other infer
 (the rest of the inference job), send wait (inference done -> send job
 claimed), send (association, C-STORE, release, commit).
 """
@@ -42,6 +43,7 @@ STAGES = (
     "decode",
     "forward",
     "report",
+    "receiving wait",
     "other infer",
     "send wait",
     "send",
@@ -77,8 +79,8 @@ def stage_seconds(
     queued, claimed, inferred = (event_time(store, infer, e) for e in ("queued", "claimed", "done"))
     send_claimed, delivered = event_time(store, send, "claimed"), event_time(store, send, "done")
     fields = logged_seconds(node, "series classified", uid)
-    decode, forward, report = (
-        fields[f"{name}_seconds"] for name in ("decode", "forward", "report")
+    decode, forward, report, waited = (
+        fields[f"{name}_seconds"] for name in ("decode", "forward", "report", "receiving_wait")
     )
     return {
         "assembly wait": queued - last_response,
@@ -86,7 +88,8 @@ def stage_seconds(
         "decode": decode,
         "forward": forward,
         "report": report,
-        "other infer": inferred - claimed - decode - forward - report,
+        "receiving wait": waited,
+        "other infer": inferred - claimed - decode - forward - report - waited,
         "send wait": send_claimed - inferred,
         "send": delivered - send_claimed,
         "total": delivered - last_response,
