@@ -10,12 +10,17 @@ A 16-bit slice goes through the first two steps as one lookup table, indexed
 by the stored words and made by those two steps themselves, so it gives the
 same values bit for bit at a fraction of the cost (~0.15 ms instead of ~0.45
 ms of pixel decoding, rescale and window per 512x512 slice).
+
+A `PixelLayout`, taken from a header already parsed (the node's receiver has
+parsed every instance it stored), says where a slice's uncompressed words lie
+in its file and what the table needs, so that the infer stage can read the
+words without parsing the file again: 0.48 instead of 1.08 ms per slice, with
+the same input bit for bit (`tensor_from_layout`).
 """
 
 from __future__ import annotations
 
-import math
-from typing import NamedTuple
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -26,15 +31,19 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from models import jpeg_lossless
 from models.manifest import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
+from models.pixel_layout import PixelLayout, TableKey, pixel_layout, table_key
 
 # Re-exported: the parameters live with the manifest, the pipeline here.
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "PixelLayout",
     "Preprocessing",
     "hounsfield_units",
+    "pixel_layout",
     "tensor_from_dataset",
     "tensor_from_hounsfield",
+    "tensor_from_layout",
     "tensor_from_unit",
     "unit_from_8bit",
     "unit_from_dataset",
@@ -101,54 +110,37 @@ def tensor_from_dataset(dataset: Dataset, preprocessing: Preprocessing) -> torch
 
 def unit_from_dataset(dataset: Dataset, center: float, width: float) -> np.ndarray:
     """`window(hounsfield_units(dataset), center, width)`, through a lookup table where it can."""
-    key = _table_key(dataset, center, width)
+    key = table_key(dataset, center, width)
     if key is None:
         return window(hounsfield_units(dataset), center, width)
-    return np.take(_window_table(key, dataset), _stored_words(dataset))
+    return np.take(_window_table(key), _stored_words(dataset))
 
 
-class _TableKey(NamedTuple):
-    """All that the modality LUT, pydicom's unused-bit correction and the window read."""
-
-    signed: bool
-    bits_stored: int
-    # None: no rescale, the stored values are the output of the modality LUT.
-    rescale: tuple[float, float] | None
-    center: float
-    width: float
-
-
-def _table_key(dataset: Dataset, center: float, width: float) -> _TableKey | None:
-    """None for data a 16-bit table cannot map: other sizes, colour, a Modality LUT Sequence."""
-    bits_stored = dataset.get("BitsStored")
-    representation = dataset.get("PixelRepresentation")
-    if (
-        dataset.get("BitsAllocated") != 16
-        or not isinstance(bits_stored, int)
-        or not 1 <= bits_stored <= 16
-        or representation not in (0, 1)
-        or dataset.get("SamplesPerPixel", 1) != 1
-        or "ModalityLUTSequence" in dataset
-    ):
-        return None
-    rescale = None
-    if "RescaleSlope" in dataset and "RescaleIntercept" in dataset:
-        slope, intercept = dataset.RescaleSlope, dataset.RescaleIntercept
-        # Anything else (empty, multi-valued, Decimal) keeps the reference path and its errors.
-        if not all(
-            isinstance(value, float) and math.isfinite(value) for value in (slope, intercept)
-        ):
-            return None
-        rescale = (float(slope), float(intercept))
-    return _TableKey(representation == 1, bits_stored, rescale, center, width)
+def tensor_from_layout(
+    path: Path, layout: PixelLayout, preprocessing: Preprocessing
+) -> torch.Tensor:
+    """`tensor_from_dataset` of the file at `path`, read through its layout."""
+    count = layout.rows * layout.columns
+    words = np.fromfile(path, dtype="<u2", count=count, offset=layout.offset)
+    if words.size != count:
+        raise ValueError(f"{path.name} ends before its {count} stored words")
+    key = TableKey(
+        layout.signed,
+        layout.bits_stored,
+        layout.rescale,
+        preprocessing.window_center,
+        preprocessing.window_width,
+    )
+    unit = np.take(_window_table(key), words.reshape(layout.rows, layout.columns))
+    return tensor_from_unit(unit, preprocessing)
 
 
 # A few tables of 256 KB: a series shares one, a node sees few rescale settings.
-_TABLES: dict[_TableKey, np.ndarray] = {}
+_TABLES: dict[TableKey, np.ndarray] = {}
 _MAX_TABLES = 16
 
 
-def _window_table(key: _TableKey, dataset: Dataset) -> np.ndarray:
+def _window_table(key: TableKey) -> np.ndarray:
     """The window of every 16-bit stored word, made by the reference path's own steps."""
     table = _TABLES.get(key)
     if table is None:
@@ -156,7 +148,11 @@ def _window_table(key: _TableKey, dataset: Dataset) -> np.ndarray:
         # pydicom's correction of the unused high bits: masked, or sign-extended.
         shift = 16 - key.bits_stored
         stored = np.right_shift(np.left_shift(words, shift), shift)
-        hounsfield = np.asarray(apply_modality_lut(stored, dataset), dtype=np.float32)
+        # All the modality LUT reads of a dataset the key admits: its rescale.
+        rescale = Dataset()
+        if key.rescale is not None:
+            rescale.RescaleSlope, rescale.RescaleIntercept = key.rescale
+        hounsfield = np.asarray(apply_modality_lut(stored, rescale), dtype=np.float32)
         table = window(hounsfield, key.center, key.width)
         if len(_TABLES) >= _MAX_TABLES:
             _TABLES.clear()

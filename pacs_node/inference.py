@@ -26,11 +26,25 @@ from pydicom.dataset import Dataset
 from models.aggregation import SeriesResult, aggregate
 from models.artifact import ArtifactError, load_artifact
 from models.predictor import SlicePredictor
-from models.preprocessing import tensor_from_dataset
+from models.preprocessing import PixelLayout, tensor_from_dataset, tensor_from_layout
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PermanentError
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StoredSlice:
+    """A slice as the job store knows it: its file, where its words lie, its UIDs."""
+
+    path: Path
+    # None: the file is parsed (compressed, or stored before layouts were kept).
+    layout: PixelLayout | None
+    # The slice's REFERENCE_KEYWORDS, from its row.
+    reference: Dataset
+
+
+Slice = Path | StoredSlice
 
 
 @dataclass(frozen=True)
@@ -39,6 +53,8 @@ class _Decoded:
     header: Dataset | None
     tensor: torch.Tensor | None
     error: str | None
+    # False when `header` holds only the REFERENCE_KEYWORDS (read through a layout).
+    whole: bool = True
 
 
 @dataclass(frozen=True)
@@ -67,9 +83,10 @@ class SeriesClassifier:
         self.decode_threads = decode_threads
 
     def classify(
-        self, paths: Sequence[Path], on_batch: Callable[[], None] = lambda: None
+        self, paths: Sequence[Slice], on_batch: Callable[[], None] = lambda: None
     ) -> SeriesClassification:
-        """Classify the slices at `paths` (one series, in slice order).
+        """Classify the slices at `paths` (one series, in slice order): files, or
+        `StoredSlice`s whose words are read through their layout without parsing.
 
         `on_batch` runs after every batch (the worker renews its lease there).
         Unreadable slices are skipped and reported; a series with none left
@@ -79,7 +96,7 @@ class SeriesClassifier:
             return self._classify(paths, on_batch)
 
     def _classify(
-        self, paths: Sequence[Path], on_batch: Callable[[], None]
+        self, paths: Sequence[Slice], on_batch: Callable[[], None]
     ) -> SeriesClassification:
         manifest = self.predictor.manifest
         headers: list[Dataset] = []
@@ -102,7 +119,7 @@ class SeriesClassifier:
                 forward_seconds += time.perf_counter() - forward_started
                 for item in usable:
                     if item.header is not None:
-                        headers.append(_reference(item.header) if headers else item.header)
+                        headers.append(_reference(item.header) if headers else _whole(item))
             on_batch()
             waiting_since = time.perf_counter()
         if not headers:
@@ -126,7 +143,7 @@ class SeriesClassifier:
             forward_seconds=forward_seconds,
         )
 
-    def _decoded_batches(self, paths: Sequence[Path]) -> Iterator[list[_Decoded]]:
+    def _decoded_batches(self, paths: Sequence[Slice]) -> Iterator[list[_Decoded]]:
         """Yield decoded batches, decoding the next batch while one is in use."""
         preprocessing = self.predictor.manifest.preprocessing
         chunks = [
@@ -135,7 +152,7 @@ class SeriesClassifier:
         ]
         with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:
 
-            def submit(chunk: Sequence[Path]) -> list[Future[_Decoded]]:
+            def submit(chunk: Sequence[Slice]) -> list[Future[_Decoded]]:
                 return [pool.submit(_decode, path, preprocessing) for path in chunk]
 
             pending = submit(chunks[0]) if chunks else []
@@ -206,8 +223,12 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-def _decode(path: Path, preprocessing: Any) -> _Decoded:
+def _decode(item: Slice, preprocessing: Any) -> _Decoded:
+    path = item.path if isinstance(item, StoredSlice) else item
     try:
+        if isinstance(item, StoredSlice) and item.layout is not None:
+            tensor = tensor_from_layout(path, item.layout, preprocessing)
+            return _Decoded(path, item.reference, tensor, error=None, whole=False)
         dataset = pydicom.dcmread(path)
         tensor = tensor_from_dataset(dataset, preprocessing)
     except Exception as error:  # any decoder may fail on damaged pixel data
@@ -231,6 +252,31 @@ REFERENCE_KEYWORDS = (
     "StudyInstanceUID",
     "InstanceNumber",
 )
+
+
+def _whole(item: _Decoded) -> Dataset:
+    """The first classified slice's whole header (but its pixel data): the report copies it."""
+    if item.whole and item.header is not None:
+        return item.header
+    return pydicom.dcmread(item.path, stop_before_pixels=True)
+
+
+def reference_header(
+    sop_class_uid: str,
+    sop_instance_uid: str,
+    series_instance_uid: str,
+    study_instance_uid: str,
+    instance_number: int | None,
+) -> Dataset:
+    """A header with only the REFERENCE_KEYWORDS, from values the job store holds."""
+    reference = Dataset()
+    reference.SOPClassUID = sop_class_uid
+    reference.SOPInstanceUID = sop_instance_uid
+    reference.SeriesInstanceUID = series_instance_uid
+    reference.StudyInstanceUID = study_instance_uid
+    if instance_number is not None:
+        reference.InstanceNumber = instance_number
+    return reference
 
 
 def _reference(header: Dataset) -> Dataset:

@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from pydicom import dcmread, uid
+from pydicom.dataset import Dataset
 from pynetdicom.presentation import AllStoragePresentationContexts
 
+from models.pixel_layout import pixel_layout
 from pacs_node.acceptor import (
     Acceptor,
     AcceptorSettings,
@@ -275,6 +277,7 @@ class Receiver:
                     images_in_acquisition=info.images_in_acquisition,
                     classifiable=info.classifiable,
                     exclusion_reason=info.exclusion_reason,
+                    pixel_layout=_layout_text(dataset) if info.classifiable else None,
                 )
             )
             placing.wait()
@@ -421,3 +424,9 @@ def tls_context(settings: TlsSettings) -> ssl.SSLContext | None:
 
 def _peer(association: Association) -> str:
     return f"{association.address}:{association.port}"
+
+
+def _layout_text(dataset: Dataset) -> str | None:
+    """Where the instance's words lie, for the infer stage (None: it parses the file)."""
+    layout = pixel_layout(dataset)
+    return None if layout is None else layout.to_text()

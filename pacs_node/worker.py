@@ -18,8 +18,14 @@ from pydicom.filewriter import dcmwrite
 from pydicom.uid import Comprehensive3DSRStorage
 
 from models.manifest import Manifest
+from models.pixel_layout import PixelLayout
 from pacs_node.errors import PermanentError
-from pacs_node.inference import SeriesClassification, SeriesClassifier
+from pacs_node.inference import (
+    SeriesClassification,
+    SeriesClassifier,
+    StoredSlice,
+    reference_header,
+)
 from pacs_node.report import PredecessorReport, ReportingNode, build_report
 from pacs_node.stage import Done, JobStage, Worker
 from pacs_node.storage import Storage
@@ -60,7 +66,20 @@ class InferenceStage(JobStage):
         instances = self.store.series_instances(job.series_instance_uid)
         if not instances:
             raise PermanentError("the series has no classifiable instance")
-        paths = [self.storage.absolute(instance.path) for instance in instances]
+        paths = [
+            StoredSlice(
+                self.storage.absolute(instance.path),
+                PixelLayout.from_text(instance.pixel_layout) if instance.pixel_layout else None,
+                reference_header(
+                    instance.sop_class_uid,
+                    instance.sop_instance_uid,
+                    instance.series_instance_uid,
+                    instance.study_instance_uid,
+                    instance.instance_number,
+                ),
+            )
+            for instance in instances
+        ]
         waited = 0.0
 
         def between_batches() -> None:

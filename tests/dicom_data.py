@@ -12,7 +12,8 @@ from pydicom.uid import UID, generate_uid
 
 from models.artifact import Aggregation, save_artifact
 from models.network import build_mobilenet_v2
-from models.preprocessing import Preprocessing
+from models.preprocessing import Preprocessing, pixel_layout
+from pacs_node.inference import StoredSlice, reference_header
 
 CLASSES = ["benign", "malignant", "normal"]
 
@@ -75,3 +76,17 @@ def variant(source: Path, target: Path, **changes: object) -> Path:
 
 def series_uid(files: Sequence[Path]) -> str:
     return str(pydicom.dcmread(files[0], stop_before_pixels=True).SeriesInstanceUID)
+
+
+def stored_slice(path: Path) -> StoredSlice:
+    """`path` as the infer stage gets it from the job store: the layout the receiver
+    recorded from its parse, and the row's UIDs."""
+    header = pydicom.dcmread(path, defer_size=1024)  # as the receiver reads it
+    reference = reference_header(
+        header.SOPClassUID,
+        header.SOPInstanceUID,
+        header.SeriesInstanceUID,
+        header.StudyInstanceUID,
+        header.InstanceNumber,
+    )
+    return StoredSlice(path, pixel_layout(header), reference)

@@ -15,9 +15,13 @@ from models.predictor import SlicePredictor
 from models.preprocessing import Preprocessing, tensor_from_dataset
 from pacs_node import inference
 from pacs_node.config import InferenceSettings, Settings
-from pacs_node.inference import REFERENCE_KEYWORDS, SeriesClassifier, load_classifier
+from pacs_node.inference import (
+    REFERENCE_KEYWORDS,
+    SeriesClassifier,
+    load_classifier,
+)
 from pacs_node.report import ReportingNode, build_report
-from tests.dicom_data import renamed_series
+from tests.dicom_data import renamed_series, stored_slice
 from tests.peers import chest_ct
 
 
@@ -88,3 +92,30 @@ def test_inference_decode_threads_decode_that_many_slices_at_once(
     classification = classifier.classify(files)
     assert classification.skipped == []
     assert len(classification.slices) == threads
+
+
+def test_slices_read_through_their_layouts_classify_as_their_files_do(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=3)
+    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    by_file = classifier.classify(files)
+    by_layout = classifier.classify([stored_slice(path) for path in files])
+    assert by_layout.slices == by_file.slices  # the same probabilities, exactly
+    assert by_layout.result == by_file.result
+    # The report copies the first header whole: read from its file, not from the row.
+    assert by_layout.headers[0] == by_file.headers[0]
+    assert by_layout.headers[1:] == by_file.headers[1:]
+
+
+def test_a_slice_whose_file_was_cut_short_after_it_was_stored_is_skipped(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=3)
+    slices = [stored_slice(path) for path in files]
+    files[1].write_bytes(files[1].read_bytes()[:-100])
+    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    classification = classifier.classify(slices)
+    ((name, reason),) = classification.skipped
+    assert name == files[1].name and "ends before its 262144 stored words" in reason
+    assert len(classification.slices) == 2

@@ -28,9 +28,12 @@ from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
 from models.predictor import SlicePredictor
 from models.preprocessing import (
+    PixelLayout,
     Preprocessing,
     hounsfield_units,
+    pixel_layout,
     tensor_from_dataset,
+    tensor_from_layout,
     unit_from_dataset,
     window,
 )
@@ -104,21 +107,21 @@ def _slice(
     return dataset
 
 
+TABLE_CASES = [
+    (False, 12, (1.0, -1024.0)),
+    (True, 12, (1.0, -1024.0)),
+    (True, 16, (0.5, 3.25)),
+    (False, 16, None),
+    (True, 10, (2.5, -1000.0)),
+    (False, 9, (1000.0, -1000.0)),
+]
+
+
 def _reference(dataset: Dataset) -> np.ndarray:
     return window(hounsfield_units(dataset), -600.0, 1200.0)
 
 
-@pytest.mark.parametrize(
-    ("signed", "bits_stored", "rescale"),
-    [
-        (False, 12, (1.0, -1024.0)),
-        (True, 12, (1.0, -1024.0)),
-        (True, 16, (0.5, 3.25)),
-        (False, 16, None),
-        (True, 10, (2.5, -1000.0)),
-        (False, 9, (1000.0, -1000.0)),
-    ],
-)
+@pytest.mark.parametrize(("signed", "bits_stored", "rescale"), TABLE_CASES)
 @pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless])
 def test_window_table_equals_the_reference_path_bit_for_bit(
     signed: bool,
@@ -140,6 +143,67 @@ def test_window_table_equals_the_reference_path_bit_for_bit(
     unit = unit_from_dataset(dataset, -600.0, 1200.0)
     assert unit.dtype == expected.dtype == np.float32
     assert np.array_equal(unit, expected)
+
+
+SMALL = Preprocessing(window_center=-600, window_width=1200, input_size=32)
+
+
+def _saved(dataset: Dataset, path: Path) -> Path:
+    dataset.SOPClassUID, dataset.SOPInstanceUID = "1.2.840.10008.5.1.4.1.1.2", "1.2.3.4"
+    dataset.save_as(path, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize(("signed", "bits_stored", "rescale"), TABLE_CASES)
+@pytest.mark.parametrize("syntax", [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+def test_a_slice_read_through_its_layout_gives_the_same_input_bit_for_bit(
+    signed: bool,
+    bits_stored: int,
+    rescale: tuple[float, float] | None,
+    syntax: UID,
+    tmp_path: Path,
+) -> None:
+    path = _saved(_slice(signed, bits_stored, rescale, syntax=syntax), tmp_path / "slice.dcm")
+    # As the receiver reads a stored instance: the pixel data left on disk.
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+    assert PixelLayout.from_text(layout.to_text()) == layout
+    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+
+
+def test_the_real_chest_slices_read_through_their_layout_give_the_same_input() -> None:
+    preprocessing = Preprocessing(window_center=70, window_width=30, input_size=160)
+    for path in sorted(chest_ct().glob("*.dcm")):
+        layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+        assert layout is not None, path.name
+        expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
+        assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected), path.name
+
+
+def test_data_without_a_layout_is_parsed_and_a_short_file_is_refused(tmp_path: Path) -> None:
+    compressed = _slice(False, 12, (1.0, -1024.0))
+    compressed.compress(RLELossless, compressed.pixel_array)
+    big_endian = _slice(True, 12, (1.0, -1024.0), syntax=ExplicitVRBigEndian)
+    with_modality_lut = _slice(False, 12, None)
+    with_modality_lut.ModalityLUTSequence = [Dataset()]
+    two_frames = _slice(False, 12, (1.0, -1024.0))
+    two_frames.Rows, two_frames.NumberOfFrames = 16, 2
+    for name, dataset in {
+        "compressed": compressed,
+        "big endian": big_endian,
+        "modality LUT": with_modality_lut,
+        "two frames": two_frames,
+        "8-bit": _slice(False, 8, (1.0, -1024.0), bits_allocated=8),
+    }.items():
+        path = _saved(dataset, tmp_path / f"{name}.dcm")
+        assert pixel_layout(pydicom.dcmread(path, defer_size=1024)) is None, name
+    path = _saved(_slice(False, 12, (1.0, -1024.0)), tmp_path / "short.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+    path.write_bytes(path.read_bytes()[:-2])
+    with pytest.raises(ValueError, match="ends before its 1024 stored words"):
+        tensor_from_layout(path, layout, SMALL)
 
 
 def test_data_a_table_cannot_map_takes_the_reference_path(

@@ -8,7 +8,10 @@ from pathlib import Path
 
 import pydicom
 import pytest
+import torch
+from pydicom.uid import RLELossless
 
+from models.preprocessing import PixelLayout, Preprocessing, tensor_from_dataset, tensor_from_layout
 from pacs_node.config import DicomSettings, IntakeSettings
 from pacs_node.receiver import Receiver
 from pacs_node.storage import Storage
@@ -109,3 +112,23 @@ def test_each_association_has_its_next_file_made_ahead_and_removed_when_it_close
     finally:
         association.release()
     wait_for(lambda: not list(storage.incoming.iterdir()), 10, "incoming/ empty after the release")
+
+
+def test_the_row_keeps_where_an_uncompressed_slices_words_lie(
+    tmp_path: Path, node: tuple[Receiver, JobStore, Storage]
+) -> None:
+    receiver, store, storage = node
+    plain, compressed = (
+        pydicom.dcmread(path) for path in renamed_series(chest_ct(), tmp_path / "s", count=2)
+    )
+    compressed.compress(RLELossless, compressed.pixel_array)
+    assert store_statuses(receiver.port, plain, compressed) == [0, 0]
+    rows = {row.sop_instance_uid: row for row in store.series_instances(plain.SeriesInstanceUID)}
+    assert rows[compressed.SOPInstanceUID].pixel_layout is None  # the infer stage parses it
+    text = rows[plain.SOPInstanceUID].pixel_layout
+    assert text is not None
+    path = storage.absolute(rows[plain.SOPInstanceUID].path)
+    preprocessing = Preprocessing(window_center=70, window_width=30, input_size=160)
+    layout = PixelLayout.from_text(text)
+    expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
+    assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected)

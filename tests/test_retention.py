@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, insert
 
 from pacs_node.config import RetentionSettings
 from pacs_node.retention import Retention
@@ -23,6 +23,7 @@ from pacs_node.storage import Storage
 from pacs_node.store import InstanceOutcome, Job, JobKind, JobStore, SeriesState
 from pacs_node.store.assembly import CLASSIFIABLE_FILES_REMOVED
 from pacs_node.store.migrate import upgrade
+from pacs_node.store.schema import InstanceRow, SeriesRow
 from tests.dicom_data import renamed_series
 from tests.dicom_data import series_uid as series_uid_of
 from tests.peers import chest_ct
@@ -289,18 +290,36 @@ def test_concurrent_sweeps_hand_each_instance_to_one(store: JobStore) -> None:
 # the schema
 
 
-def test_the_migration_keeps_rows_stored_before_it(database_url: str) -> None:
+def test_the_migrations_keep_rows_stored_before_them(database_url: str) -> None:
     engine = create_engine(database_url)
     try:
         upgrade(engine, "0001")
+        # A row as the first schema held it: without the columns later revisions add.
+        old = dataclasses.asdict(instance(1, 1))
+        del old["pixel_layout"]
+        with engine.begin() as connection:
+            connection.execute(
+                insert(SeriesRow).values(
+                    series_instance_uid=series_uid(1),
+                    study_instance_uid=STUDY,
+                    calling_ae="PACS",
+                    state=SeriesState.OPEN,
+                    revision=0,
+                    instance_count=1,
+                    classifiable_count=1,
+                    first_received_at=T0,
+                    last_received_at=T0,
+                )
+            )
+            connection.execute(insert(InstanceRow).values(old))
     finally:
         engine.dispose()
     store = JobStore(database_url)
     try:
-        store.record_instance(instance(1, 1))  # a row from before the migration
         store.upgrade()
         (row,) = store.series_instances(series_uid(1))
-        assert (row.sop_instance_uid, row.removed_at) == (f"{series_uid(1)}.1", None)
+        assert row.sop_instance_uid == f"{series_uid(1)}.1"
+        assert (row.removed_at, row.pixel_layout) == (None, None)  # 0002, 0003
     finally:
         store.close()
 

@@ -147,7 +147,7 @@ def execute(url: str, statement: str, **params: Any) -> None:
 def test_migrations_run_from_empty_and_match_the_models(database_url: str) -> None:
     store = JobStore(database_url)
     try:
-        with pytest.raises(ConfigurationError, match=r"none.*expected 0002"):
+        with pytest.raises(ConfigurationError, match=r"none.*expected 0003"):
             store.check_schema()
         store.upgrade()
         store.check_schema()

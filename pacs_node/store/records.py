@@ -75,6 +75,9 @@ class NewInstance:
     images_in_acquisition: int | None
     classifiable: bool
     exclusion_reason: str | None
+    # Where its uncompressed words lie (models.preprocessing.PixelLayout.to_text);
+    # None where the infer stage must parse the file.
+    pixel_layout: str | None = None
 
 
 @dataclass(frozen=True)

@@ -158,6 +158,7 @@ class InstanceRow(Base):
     images_in_acquisition: Mapped[int | None] = mapped_column(Integer)
     classifiable: Mapped[bool] = mapped_column(Boolean)
     exclusion_reason: Mapped[str | None] = mapped_column(Text)
+    pixel_layout: Mapped[str | None] = mapped_column(Text)
     # When retention deleted the file; the row stays as the history.
     removed_at: Mapped[datetime | None] = mapped_column(UTCDateTime)
 
@@ -178,6 +179,7 @@ class InstanceRow(Base):
             images_in_acquisition=self.images_in_acquisition,
             classifiable=self.classifiable,
             exclusion_reason=self.exclusion_reason,
+            pixel_layout=self.pixel_layout,
             removed_at=self.removed_at,
         )
 

@@ -6,7 +6,10 @@
 
 The stage: read each file, decode (uncompressed, or JPEG Lossless made with
 DCMTK's dcmcjpeg), preprocess, forward, aggregate, build the SR and write it
-durably, once per number of decode threads asked for. The model-only
+durably, once per number of decode threads asked for. The slices come as the
+infer stage gets them from the job store: uncompressed words are read through
+the layout the receiver recorded, without parsing; "uncompressed, parsed" reads
+the same files with pydicom, as `pacs-node classify` does. The model-only
 reference: the node's own forward pass (SlicePredictor) on the same slices
 already turned into tensors, same batch size, same device, same process.
 The table also shows the other ways to run the network, their throughput,
@@ -32,7 +35,7 @@ import subprocess
 import tempfile
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -43,12 +46,16 @@ from models.artifact import Artifact, load_artifact
 from models.predictor import SlicePredictor
 from models.preprocessing import tensor_from_dataset
 from pacs_node.config import BUNDLED_MODEL
-from pacs_node.inference import SeriesClassifier, freeze_long_lived_objects
+from pacs_node.inference import (
+    SeriesClassifier,
+    Slice,
+    freeze_long_lived_objects,
+)
 from pacs_node.report import ReportingNode, build_report
 from pacs_node.storage import Storage
 from pacs_node.worker import encode_report
 from tests.benchmarks.series import long_series
-from tests.dicom_data import tiny_artifact
+from tests.dicom_data import stored_slice, tiny_artifact
 from tests.peers import tool
 
 Predict = Callable[[torch.Tensor], np.ndarray]
@@ -223,7 +230,7 @@ def gpu_ceiling(
     return rates
 
 
-def whole_stage(classifier: SeriesClassifier, paths: list[Path], storage: Storage) -> float:
+def whole_stage(classifier: SeriesClassifier, paths: Sequence[Slice], storage: Storage) -> float:
     """Seconds for classify + report + durable write, as the worker does them."""
     started = time.perf_counter()
     classification = classifier.classify(paths)
@@ -276,7 +283,13 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 [tool("dcmcjpeg"), "+e1", str(path), str(lossless / path.name)], check=True
             )
-        inputs = {"uncompressed": plain, "jpeg lossless": sorted(lossless.iterdir())}
+        # As received: uncompressed words read through their layouts, JPEG Lossless parsed.
+        # "parsed": the same files read by pydicom (`pacs-node classify`, older rows).
+        inputs: dict[str, Sequence[Slice]] = {
+            "uncompressed": [stored_slice(path) for path in plain],
+            "uncompressed, parsed": plain,
+            "jpeg lossless": [stored_slice(path) for path in sorted(lossless.iterdir())],
+        }
         preprocessing = predictor.manifest.preprocessing
         tensors = [tensor_from_dataset(pydicom.dcmread(path), preprocessing) for path in plain]
         size = arguments.batch_size
