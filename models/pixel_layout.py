@@ -82,6 +82,7 @@ def pixel_layout(dataset: Dataset) -> PixelLayout | None:
     them through the table: compressed or big-endian data, several frames,
     colour, other sizes, a Modality LUT Sequence.
     """
+    # Only the key's word mapping is kept; the window comes from the manifest when read.
     key = table_key(dataset, center=0.0, width=1.0)
     element = dataset.get_item("PixelData", keep_deferred=True)
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
