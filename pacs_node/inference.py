@@ -48,7 +48,7 @@ Slice = Path | StoredSlice
 
 
 @dataclass(frozen=True)
-class _Decoded:
+class DecodedSlice:
     path: Path
     header: Dataset | None
     tensor: torch.Tensor | None
@@ -143,7 +143,7 @@ class SeriesClassifier:
             forward_seconds=forward_seconds,
         )
 
-    def _decoded_batches(self, paths: Sequence[Slice]) -> Iterator[list[_Decoded]]:
+    def _decoded_batches(self, paths: Sequence[Slice]) -> Iterator[list[DecodedSlice]]:
         """Yield decoded batches, decoding the next batch while one is in use."""
         preprocessing = self.predictor.manifest.preprocessing
         chunks = [
@@ -152,8 +152,8 @@ class SeriesClassifier:
         ]
         with ThreadPoolExecutor(max_workers=self.decode_threads) as pool:
 
-            def submit(chunk: Sequence[Slice]) -> list[Future[_Decoded]]:
-                return [pool.submit(_decode, path, preprocessing) for path in chunk]
+            def submit(chunk: Sequence[Slice]) -> list[Future[DecodedSlice]]:
+                return [pool.submit(decode_slice, path, preprocessing) for path in chunk]
 
             pending = submit(chunks[0]) if chunks else []
             for index in range(len(chunks)):
@@ -223,12 +223,13 @@ def freeze_long_lived_objects() -> None:
     gc.freeze()
 
 
-def _decode(item: Slice, preprocessing: Any) -> _Decoded:
+def decode_slice(item: Slice, preprocessing: Any) -> DecodedSlice:
+    """One slice as the infer stage decodes it: through its layout, or parsed."""
     path = item.path if isinstance(item, StoredSlice) else item
     try:
         if isinstance(item, StoredSlice) and item.layout is not None:
             tensor = tensor_from_layout(path, item.layout, preprocessing)
-            return _Decoded(path, item.reference, tensor, error=None, whole=False)
+            return DecodedSlice(path, item.reference, tensor, error=None, whole=False)
         dataset = pydicom.dcmread(path)
         tensor = tensor_from_dataset(dataset, preprocessing)
     except Exception as error:  # any decoder may fail on damaged pixel data
@@ -236,11 +237,11 @@ def _decode(item: Slice, preprocessing: Any) -> _Decoded:
             "slice skipped",
             extra={"action": "decode", "reason": f"{type(error).__name__}: {error}"},
         )
-        return _Decoded(
+        return DecodedSlice(
             path=path, header=None, tensor=None, error=f"{type(error).__name__}: {error}"
         )
     del dataset.PixelData  # keep only the header in memory
-    return _Decoded(path=path, header=dataset, tensor=tensor, error=None)
+    return DecodedSlice(path=path, header=dataset, tensor=tensor, error=None)
 
 
 # All the report and the per-slice results read of a slice but the first
@@ -254,7 +255,7 @@ REFERENCE_KEYWORDS = (
 )
 
 
-def _whole(item: _Decoded) -> Dataset:
+def _whole(item: DecodedSlice) -> Dataset:
     """The first classified slice's whole header (but its pixel data): the report copies it."""
     if item.whole and item.header is not None:
         return item.header

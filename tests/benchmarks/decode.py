@@ -3,14 +3,15 @@
     .venv/bin/python -m tests.benchmarks.decode [--slices 300] [--workers 1 2 4 8 16]
         [--rounds 3]
 
-Each worker reads a slice with pydicom and turns it into the model's input
-(`models.preprocessing.tensor_from_dataset`), four slices per task, with
-torch at one thread, as the infer stage's decode threads do. Threads share
-one GIL; processes (spawned) do not, but send each input back through a
-pipe. The table shows, per worker count, the median rate of the rounds and
-the CPU the main process spent per slice; the last lines the ratios
-processes/threads. It tells whether decoding in processes would feed a
-fast model (a GPU) better than the node's decode threads.
+Each worker turns slices into the model's input as the infer stage does
+(`pacs_node.inference.decode_slice`), four slices per task, with torch at
+one thread: parsed by pydicom in threads (as `pacs-node classify` reads
+files) or in spawned processes, and read through the layouts the receiver
+records, in threads (as the infer stage reads uncompressed slices it
+received). Threads share one GIL; processes do not, but send each input back
+through a pipe. The table shows, per worker count, the median rate of the
+rounds and the CPU the main process spent per slice; the last lines the
+ratios to parsing in threads. It tells what would feed a fast model (a GPU).
 """
 
 from __future__ import annotations
@@ -20,29 +21,31 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import pydicom
 import torch
 
 from models.artifact import load_artifact
 from models.manifest import Preprocessing
-from models.preprocessing import tensor_from_dataset
 from pacs_node.config import BUNDLED_MODEL
+from pacs_node.inference import Slice, decode_slice
 from tests.benchmarks.series import long_series
+from tests.dicom_data import stored_slice
 
 SLICES_PER_TASK = 4
+LAYOUTS = "threads, layouts"
 
 
 def _one_torch_thread() -> None:
     torch.set_num_threads(1)
 
 
-def decode(paths: list[Path], preprocessing: Preprocessing) -> list[np.ndarray]:
-    return [tensor_from_dataset(pydicom.dcmread(path), preprocessing).numpy() for path in paths]
+def decode(slices: list[Slice], preprocessing: Preprocessing) -> list[np.ndarray]:
+    tensors = [decode_slice(item, preprocessing).tensor for item in slices]
+    return [tensor.numpy() for tensor in tensors if tensor is not None]
 
 
 def pools(workers: int) -> dict[str, Callable[[], Executor]]:
@@ -52,11 +55,12 @@ def pools(workers: int) -> dict[str, Callable[[], Executor]]:
         "processes": lambda: ProcessPoolExecutor(
             workers, mp_context=spawn, initializer=_one_torch_thread
         ),
+        LAYOUTS: lambda: ThreadPoolExecutor(workers),
     }
 
 
 def rate(
-    pool: Executor, tasks: list[list[Path]], preprocessing: Preprocessing
+    pool: Executor, tasks: Sequence[list[Slice]], preprocessing: Preprocessing
 ) -> tuple[float, float]:
     """Slices/s and main-process CPU ms per slice for one pass over `tasks`."""
     slices = sum(len(task) for task in tasks)
@@ -78,16 +82,22 @@ def main(argv: list[str] | None = None) -> int:
     _one_torch_thread()
     preprocessing = load_artifact(BUNDLED_MODEL).manifest.preprocessing
     with tempfile.TemporaryDirectory(prefix="pacs-node-decode-") as scratch:
-        paths = long_series(Path(scratch), arguments.slices)
-        tasks = [paths[i : i + SLICES_PER_TASK] for i in range(0, len(paths), SLICES_PER_TASK)]
+        files = long_series(Path(scratch), arguments.slices)
+        paths: list[Slice] = list(files)
+        stored: list[Slice] = [stored_slice(path) for path in files]
+
+        def tasks_of(slices: list[Slice]) -> list[list[Slice]]:
+            return [slices[i : i + SLICES_PER_TASK] for i in range(0, len(slices), SLICES_PER_TASK)]
+
         print(
             f"{arguments.slices} uncompressed 512x512 slices, {SLICES_PER_TASK} per task, "
             f"{arguments.rounds} rounds (medians)"
         )
-        print(f"{'':<22} {'slices/s':>8} {'main CPU ms/slice':>18}")
+        print(f"{'':<28} {'slices/s':>8} {'main CPU ms/slice':>18}")
         medians: dict[tuple[str, int], float] = {}
         for workers in arguments.workers:
             for name, make in pools(workers).items():
+                tasks = tasks_of(stored if name == LAYOUTS else paths)
                 with make() as pool:
                     rate(pool, tasks[: 2 * workers], preprocessing)  # start the workers
                     results = [rate(pool, tasks, preprocessing) for _ in range(arguments.rounds)]
@@ -95,10 +105,11 @@ def main(argv: list[str] | None = None) -> int:
                 main_cpu = statistics.median(r[1] for r in results)
                 medians[name, workers] = slices_per_second
                 label = f"{name}, {workers} workers"
-                print(f"{label:<22} {slices_per_second:8.0f} {main_cpu:18.2f}")
+                print(f"{label:<28} {slices_per_second:8.0f} {main_cpu:18.2f}")
         for workers in arguments.workers:
-            ratio = medians["processes", workers] / medians["threads", workers]
-            print(f"ratio processes/threads, {workers} workers: {ratio:.2f}")
+            for name in ("processes", LAYOUTS):
+                ratio = medians[name, workers] / medians["threads", workers]
+                print(f"ratio {name}/threads, {workers} workers: {ratio:.2f}")
     return 0
 
 
