@@ -75,6 +75,23 @@ class PixelLayout:
         return cls(**values, rescale=None if rescale is None else tuple(rescale))
 
 
+def words_in_place(dataset: Dataset, length: int) -> tuple[int, int] | None:
+    """(rows, columns) when the `length` bytes of pixel data are one frame of
+    little-endian monochrome words that can be read as they lie; None otherwise."""
+    rows, columns = dataset.get("Rows"), dataset.get("Columns")
+    if (
+        getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+        in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        and dataset.get("NumberOfFrames", 1) in (1, None)
+        and dataset.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+        and isinstance(rows, int)
+        and isinstance(columns, int)
+        and length >= 2 * rows * columns > 0
+    ):
+        return rows, columns
+    return None
+
+
 def pixel_layout(dataset: Dataset) -> PixelLayout | None:
     """The layout of a dataset read from a file with its pixel data deferred or raw.
 
@@ -85,17 +102,10 @@ def pixel_layout(dataset: Dataset) -> PixelLayout | None:
     # Only the key's word mapping is kept; the window comes from the manifest when read.
     key = table_key(dataset, center=0.0, width=1.0)
     element = dataset.get_item("PixelData", keep_deferred=True)
-    rows, columns = dataset.get("Rows"), dataset.get("Columns")
-    if (
-        key is None
-        or not isinstance(element, RawDataElement)
-        or getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
-        not in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        or dataset.get("NumberOfFrames", 1) not in (1, None)
-        or dataset.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2")
-        or not isinstance(rows, int)
-        or not isinstance(columns, int)
-        or not element.length >= 2 * rows * columns > 0
-    ):
+    if key is None or not isinstance(element, RawDataElement):
         return None
+    shape = words_in_place(dataset, element.length)
+    if shape is None:
+        return None
+    rows, columns = shape
     return PixelLayout(element.value_tell, rows, columns, key.signed, key.bits_stored, key.rescale)

@@ -27,11 +27,16 @@ import torch
 import torch.nn.functional as functional
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from models import jpeg_lossless
 from models.manifest import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
-from models.pixel_layout import PixelLayout, TableKey, pixel_layout, table_key
+from models.pixel_layout import (
+    PixelLayout,
+    TableKey,
+    pixel_layout,
+    table_key,
+    words_in_place,
+)
 
 # Re-exported: the parameters live with the manifest, the pipeline here.
 __all__ = [
@@ -162,20 +167,11 @@ def _window_table(key: TableKey) -> np.ndarray:
 
 def _stored_words(dataset: Dataset) -> np.ndarray:
     """The stored 16-bit words of one frame, read in place when they are uncompressed."""
-    rows, columns = dataset.get("Rows"), dataset.get("Columns")
     pixels = dataset.get("PixelData")
-    if (
-        getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
-        in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        and dataset.get("NumberOfFrames", 1) in (1, None)
-        and dataset.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
-        and isinstance(rows, int)
-        and isinstance(columns, int)
-        and isinstance(pixels, bytes)
-        and len(pixels) >= 2 * rows * columns > 0
-    ):
+    shape = words_in_place(dataset, len(pixels)) if isinstance(pixels, bytes) else None
+    if shape is not None:
         # pydicom's pixel_array copies, corrects the unused bits and checks; the table
-        # does the correction, the conditions above the checks that matter here.
-        return np.frombuffer(pixels, dtype="<u2", count=rows * columns).reshape(rows, columns)
+        # does the correction, words_in_place the checks that matter here.
+        return np.frombuffer(pixels, dtype="<u2", count=shape[0] * shape[1]).reshape(shape)
     # A value cast, not a view: pydicom may hand back big-endian words.
     return _single_frame(dataset).astype(np.uint16, copy=False)
