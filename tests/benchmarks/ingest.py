@@ -1,6 +1,7 @@
 """Ingest benchmark: 300 CT instances by DCMTK storescu into three receivers.
 
     .venv/bin/python -m tests.benchmarks.ingest [--rounds 3] [--associations 1 4]
+        [--split-nodes N]
 
 Receivers: DCMTK storescp (the native reference), pynetdicom's stock
 storescp app, and `pacs-node serve --stages receive` with its durable
@@ -9,11 +10,19 @@ alternating order, round after round, so that drifts of this machine hit all
 of them alike; the ratios are taken per round, then their median printed.
 With several association counts, each receiver is measured at each of them,
 and the node's rate with N associations is compared with its rate with one.
+
+"cores busy" is the CPU time of the receiver and of the storescu senders
+over the wall time: near this machine's core count, the CPU is the limit.
+With --split-nodes N, the associations (when there are at least N) are also
+dealt to N separate `serve --stages receive` processes, each with its own
+database and folder: the most that receiving in several processes could give
+on this machine, with no shared lock or database at all.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 from collections import defaultdict
@@ -25,7 +34,7 @@ from tests.benchmarks.receivers import (
     PacsNodeReceive,
     PynetdicomStoreSCP,
     Receiver,
-    send,
+    send_to,
 )
 from tests.dicom_data import renamed_series, tiny_artifact
 from tests.peers import CHEST_CT
@@ -48,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--split-nodes", type=int, default=0, help="also N node processes")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-ingest-") as scratch:
         root = Path(scratch)
@@ -56,33 +66,46 @@ def main(argv: list[str] | None = None) -> int:
         results: Results = defaultdict(list)
         for round_number in range(arguments.rounds):
             for associations in arguments.associations:
-                receivers: list[Receiver] = [
-                    DcmtkStoreSCP(root / f"dcmtk-{round_number}-{associations}"),
-                    PynetdicomStoreSCP(root / f"pynetdicom-{round_number}-{associations}"),
-                    PacsNodeReceive(root / f"node-{round_number}-{associations}", model),
+                name = f"{round_number}-{associations}"
+                cases: list[tuple[str, list[Receiver]]] = [
+                    (DCMTK, [DcmtkStoreSCP(root / f"dcmtk-{name}")]),
+                    (PYNETDICOM, [PynetdicomStoreSCP(root / f"pynetdicom-{name}")]),
+                    (NODE, [PacsNodeReceive(root / f"node-{name}", model)]),
                 ]
+                split = arguments.split_nodes
+                if split > 1 and associations >= split:
+                    nodes: list[Receiver] = [
+                        PacsNodeReceive(root / f"split-{name}-{i}", model) for i in range(split)
+                    ]
+                    cases.append((f"{NODE} x{split}", nodes))
                 if round_number % 2:
-                    receivers.reverse()
-                for receiver in receivers:
-                    receiver.start()
+                    cases.reverse()
+                for case, receivers in cases:
+                    for receiver in receivers:
+                        receiver.start()
                     try:
-                        measurement = send(receiver, files, associations)
+                        measurement = send_to(receivers, files, associations)
                     finally:
-                        receiver.stop()
-                    results[receiver.name, associations].append(measurement)
+                        for receiver in receivers:
+                            receiver.stop()
+                    results[case, associations].append(measurement)
         print_table(results, arguments)
     return 0
 
 
+DCMTK, PYNETDICOM, NODE = "dcmtk storescp", "pynetdicom storescp", "pacs-node receive"
 # (receiver name, associations) -> one measurement per round
 Results = dict[tuple[str, int], list[Measurement]]
 
 
 def print_table(results: Results, arguments: argparse.Namespace) -> None:
-    print(f"{arguments.images} instances, {arguments.rounds} round(s); medians")
+    print(
+        f"{arguments.images} instances, {arguments.rounds} round(s), "
+        f"{os.cpu_count()} CPU cores; medians"
+    )
     print(
         f"{'receiver':<22} {'assocs':>6} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} "
-        f"{'peak RSS MB':>12}"
+        f"{'peak RSS MB':>12} {'senders CPU s':>14} {'cores busy':>11}"
     )
     for (name, associations), runs in results.items():
         print(
@@ -90,23 +113,23 @@ def print_table(results: Results, arguments: argparse.Namespace) -> None:
             f"{statistics.median(r.images_per_second for r in runs):>9.1f} "
             f"{statistics.median(r.megabytes_per_second for r in runs):>7.1f} "
             f"{statistics.median(r.cpu_seconds for r in runs):>7.2f} "
-            f"{max(r.peak_rss_mb for r in runs):>12.0f}"
+            f"{max(r.peak_rss_mb for r in runs):>12.0f} "
+            f"{statistics.median(r.sender_cpu_seconds for r in runs):>14.2f} "
+            f"{statistics.median(r.cores_busy for r in runs):>11.2f}"
         )
-    node = "pacs-node receive"
     for associations in arguments.associations:
-        for reference in ("dcmtk storescp", "pynetdicom storescp"):
+        for reference in (DCMTK, PYNETDICOM):
             print_ratio(
                 f"node/{reference.split()[0]}, {associations} association(s)",
-                results[node, associations],
+                results[NODE, associations],
                 results[reference, associations],
             )
     single = arguments.associations[0]
-    for associations in arguments.associations[1:]:
-        print_ratio(
-            f"node {associations} associations / node {single}",
-            results[node, associations],
-            results[node, single],
-        )
+    for (name, associations), runs in results.items():
+        if name.startswith(NODE) and (name, associations) != (NODE, single):
+            print_ratio(
+                f"{name}, {associations} associations / node {single}", runs, results[NODE, single]
+            )
 
 
 def print_ratio(label: str, mine: list[Measurement], theirs: list[Measurement]) -> None:

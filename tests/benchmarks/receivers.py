@@ -1,16 +1,19 @@
 """Receivers under test for the ingest benchmarks, each a real process.
 
 Each receiver is started, measured (wall time of one storescu run, CPU
-seconds and peak RSS of the receiver process from /proc) and stopped.
+seconds and peak RSS of the receiver process from /proc, CPU seconds of the
+storescu processes) and stopped.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,10 +30,17 @@ class Measurement:
     megabytes: float
     cpu_seconds: float
     peak_rss_mb: float
+    sender_cpu_seconds: float
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds
+
+    @property
+    def cores_busy(self) -> float:
+        """Receiver and senders together, in cores: near the machine's count, the
+        CPU is what limits the rate (the kernel's share of loopback TCP included)."""
+        return (self.cpu_seconds + self.sender_cpu_seconds) / self.seconds
 
     @property
     def megabytes_per_second(self) -> float:
@@ -160,35 +170,50 @@ class PacsNodeReceive(Receiver):
 
 def send(receiver: Receiver, files: list[Path], associations: int = 1) -> Measurement:
     """storescu all `files` to `receiver` over `associations` parallel associations."""
+    return send_to([receiver], files, associations)
+
+
+def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int) -> Measurement:
+    """storescu all `files` over `associations` parallel associations, dealt in turn to
+    `receivers`; their costs are summed."""
     groups = [files[index::associations] for index in range(associations)]
-    cpu_before = cpu_seconds(receiver.pid)
+    targets = [receivers[index % len(receivers)] for index in range(associations)]
+    cpu_before = sum(cpu_seconds(receiver.pid) for receiver in receivers)
+    # The senders are this process's only children that end (and are reaped) meanwhile.
+    senders_before = _children_cpu_seconds()
     started = time.perf_counter()
     senders = [
         subprocess.Popen(
             [
                 tool("storescu"),
                 "-aec",
-                receiver.ae_title,
+                target.ae_title,
                 "127.0.0.1",
-                str(receiver.port),
+                str(target.port),
                 *map(str, group),
             ],
             env=dcmtk_environment(),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
         )
-        for group in groups
+        for group, target in zip(groups, targets, strict=True)
     ]
-    for sender in senders:
+    for sender, target in zip(senders, targets, strict=True):
         _, errors = sender.communicate(timeout=600)
         if sender.returncode != 0:
-            raise RuntimeError(f"storescu to {receiver.name} failed: {errors.decode()[-500:]}")
+            raise RuntimeError(f"storescu to {target.name} failed: {errors.decode()[-500:]}")
     seconds = time.perf_counter() - started
     return Measurement(
-        receiver=receiver.name,
+        receiver=receivers[0].name,
         seconds=seconds,
         images=len(files),
         megabytes=sum(path.stat().st_size for path in files) / 1e6,
-        cpu_seconds=cpu_seconds(receiver.pid) - cpu_before,
-        peak_rss_mb=tree_peak_rss_mb(receiver.pid),
+        cpu_seconds=sum(cpu_seconds(receiver.pid) for receiver in receivers) - cpu_before,
+        peak_rss_mb=sum(tree_peak_rss_mb(receiver.pid) for receiver in receivers),
+        sender_cpu_seconds=_children_cpu_seconds() - senders_before,
     )
+
+
+def _children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
