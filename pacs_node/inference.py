@@ -118,8 +118,9 @@ class SeriesClassifier:
                 rows.append(self.predictor.predict(inputs))
                 forward_seconds += time.perf_counter() - forward_started
                 for item in usable:
-                    if item.header is not None:
-                        headers.append(_reference(item.header) if headers else _whole(item))
+                    if item.header is None:
+                        continue
+                    headers.append(_reference(item.header, item.whole) if headers else _whole(item))
             on_batch()
             waiting_since = time.perf_counter()
         if not headers:
@@ -280,9 +281,11 @@ def reference_header(
     return reference
 
 
-def _reference(header: Dataset) -> Dataset:
+def _reference(header: Dataset, whole: bool) -> Dataset:
     """The slice's REFERENCE_KEYWORDS only: whole headers (~50 KB each) would
     make the node's memory grow with the length of the series."""
+    if not whole:
+        return header  # read through its layout: it holds only these already
     reference = Dataset()
     for keyword in REFERENCE_KEYWORDS:
         if keyword in header:

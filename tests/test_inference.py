@@ -100,12 +100,18 @@ def test_slices_read_through_their_layouts_classify_as_their_files_do(
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
     classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
     by_file = classifier.classify(files)
-    by_layout = classifier.classify([stored_slice(path) for path in files])
+    stored = [stored_slice(path) for path in files]
+    by_layout = classifier.classify(stored)
     assert by_layout.slices == by_file.slices  # the same probabilities, exactly
     assert by_layout.result == by_file.result
     # The report copies the first header whole: read from its file, not from the row.
     assert by_layout.headers[0] == by_file.headers[0]
     assert by_layout.headers[1:] == by_file.headers[1:]
+    # The others are the headers the rows gave, not copies made between forward passes.
+    assert all(
+        header is item.reference
+        for header, item in zip(by_layout.headers[1:], stored[1:], strict=True)
+    )
 
 
 def test_a_slice_whose_file_was_cut_short_after_it_was_stored_is_skipped(

@@ -24,7 +24,10 @@ same slices, so the node's choice can be checked:
   batches;
 - with --compile, torch.compile (compiles for ~25 s).
 Rounds alternate between the cases; the table shows medians and the last
-lines the ratios.
+lines the ratios. "cores" is this process's CPU time (all its threads) over
+the wall time, "core-ms" its CPU milliseconds per slice: where the forward
+pass alone already keeps every core busy, the stage's extra core-ms per slice
+(decoding, the SR) bound its ratio to the model however it is scheduled.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pydicom
@@ -61,17 +65,27 @@ from tests.peers import tool
 Predict = Callable[[torch.Tensor], np.ndarray]
 # The model-only reference: the forward pass the node itself runs.
 NODE = "node (SlicePredictor)"
+REPORTING_NODE = ReportingNode(ae_title="BENCH")
 
 
-def model_only(predict: Predict, device: torch.device, batches: list[torch.Tensor]) -> float:
-    """Seconds for the forward passes alone (with the softmax, as the node runs them)."""
+class Timing(NamedTuple):
+    seconds: float
+    cpu_seconds: float  # of this process, all its threads
+
+
+def timed(run: Callable[[], object]) -> Timing:
+    cpu, wall = time.process_time(), time.perf_counter()
+    run()
+    return Timing(time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def model_only(predict: Predict, device: torch.device, batches: list[torch.Tensor]) -> Timing:
+    """The forward passes alone (with the softmax, as the node runs them)."""
     predict(batches[0])  # warm-up: first-call allocations
     if device.type == "cuda":
         torch.cuda.synchronize()
-    started = time.perf_counter()
-    for batch in batches:
-        predict(batch)  # returns numpy: the device is synchronised
-    return time.perf_counter() - started
+    # predict returns numpy: the device is synchronised
+    return timed(lambda: [predict(batch) for batch in batches])
 
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -230,21 +244,22 @@ def gpu_ceiling(
     return rates
 
 
-def whole_stage(classifier: SeriesClassifier, paths: Sequence[Slice], storage: Storage) -> float:
-    """Seconds for classify + report + durable write, as the worker does them."""
-    started = time.perf_counter()
-    classification = classifier.classify(paths)
-    report = build_report(
-        sources=classification.headers,
-        result=classification.result,
-        manifest=classifier.predictor.manifest,
-        revision=1,
-        node=ReportingNode(ae_title="BENCH"),
-    )
-    storage.write(
-        storage.report_path(report.StudyInstanceUID, report.SOPInstanceUID), [encode_report(report)]
-    )
-    return time.perf_counter() - started
+def whole_stage(classifier: SeriesClassifier, paths: Sequence[Slice], storage: Storage) -> Timing:
+    """Classify + report + durable write, as the worker does them."""
+
+    def run() -> None:
+        classification = classifier.classify(paths)
+        report = build_report(
+            sources=classification.headers,
+            result=classification.result,
+            manifest=classifier.predictor.manifest,
+            revision=1,
+            node=REPORTING_NODE,
+        )
+        path = storage.report_path(report.StudyInstanceUID, report.SOPInstanceUID)
+        storage.write(path, [encode_report(report)])
+
+    return timed(run)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -312,14 +327,14 @@ def main(argv: list[str] | None = None) -> int:
         # IOD tables), which would otherwise weigh on the median of a few rounds.
         for paths in inputs.values():
             whole_stage(classifiers[arguments.decode_threads[0]], paths[:size], storage)
-        seconds: dict[str, list[float]] = defaultdict(list)
+        timings: dict[str, list[Timing]] = defaultdict(list)
         for _ in range(arguments.rounds):
             for name, predict in predicts.items():
-                seconds[name].append(model_only(predict, predictor.device, batches))
+                timings[name].append(model_only(predict, predictor.device, batches))
             for name, paths in inputs.items():
                 for threads, classifier in classifiers.items():
                     stage = f"stage, {name}, {threads} decode threads"
-                    seconds[stage].append(whole_stage(classifier, paths, storage))
+                    timings[stage].append(whole_stage(classifier, paths, storage))
         print(
             f"{arguments.slices} slices, batch {size}, {predictor.device}, "
             f"model {predictor.manifest.model_id}, input {preprocessing.input_size}px, "
@@ -327,11 +342,17 @@ def main(argv: list[str] | None = None) -> int:
             f"max |dp| and classes against the {NODE}"
         )
         rates = {
-            name: arguments.slices / statistics.median(values) for name, values in seconds.items()
+            name: arguments.slices / statistics.median(t.seconds for t in values)
+            for name, values in timings.items()
         }
-        print(f"{'':<40} {'slices/s':>8} {'set-up s':>8} {'max |dp|':>9} classes")
+        print(
+            f"{'':<40} {'slices/s':>8} {'cores':>5} {'core-ms':>7} "
+            f"{'set-up s':>8} {'max |dp|':>9} classes"
+        )
         for name, rate in rates.items():
-            line = f"{name:<40} {rate:8.1f}"
+            cores = statistics.median(t.cpu_seconds / t.seconds for t in timings[name])
+            core_ms = 1000 * statistics.median(t.cpu_seconds for t in timings[name])
+            line = f"{name:<40} {rate:8.1f} {cores:5.2f} {core_ms / arguments.slices:7.2f}"
             if name in predicts:
                 probabilities = np.concatenate([predicts[name](batch) for batch in batches])
                 same = (probabilities.argmax(1) == reference.argmax(1)).all()
