@@ -22,8 +22,7 @@ from pacs_node.config import Settings
 from pacs_node.errors import BadInstanceError, ConfigurationError, PermanentError
 from pacs_node.inference import SeriesClassification, load_classifier
 from pacs_node.intake import describe
-from pacs_node.report import build_report
-from pacs_node.service import reporting_node
+from pacs_node.report import build_report, reporting_node
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,8 @@ class ResultsSettings(Section):
     max_attempts: int = Field(default=8, ge=1)
     retry_base_seconds: float = Field(default=5.0, gt=0)
     retry_max_seconds: float = Field(default=600.0, gt=0)
-    institution_name: str = ""
+    # The SR's Institution Name, a LO value (PS3.5 6.2).
+    institution_name: str = Field(default="", max_length=64)
 
     @model_validator(mode="after")
     def _unique_destinations(self) -> ResultsSettings:

@@ -30,7 +30,7 @@ from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.infer_process import InferProcess, ModelInfo, PipeWake
 from pacs_node.receiver import Receiver
 from pacs_node.reception import Reception
-from pacs_node.report import ReportingNode
+from pacs_node.report import reporting_node
 from pacs_node.retention import Retention
 from pacs_node.sender import SendStage
 from pacs_node.stage import Worker
@@ -88,14 +88,6 @@ def _process_alive(pid: int) -> bool:
     except PermissionError:
         return True  # someone else's process: alive
     return True
-
-
-def reporting_node(settings: Settings) -> ReportingNode:
-    return ReportingNode(
-        ae_title=settings.dicom.ae_title,
-        institution_name=settings.results.institution_name or None,
-        station_name=socket.gethostname()[:16] or None,
-    )
 
 
 class Node:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pydicom
 import torch
@@ -19,7 +20,11 @@ CLASSES = ["benign", "malignant", "normal"]
 
 
 def tiny_artifact(
-    folder: Path, seed: int = 0, version: str = "0.0.1-test", input_size: int = 64
+    folder: Path,
+    seed: int = 0,
+    version: str = "0.0.1-test",
+    input_size: int = 64,
+    details: dict[str, Any] | None = None,
 ) -> Path:
     """A randomly initialised MobileNetV2 artifact (small input size unless asked)."""
     torch.manual_seed(seed)
@@ -32,6 +37,7 @@ def tiny_artifact(
         classes=CLASSES,
         preprocessing=Preprocessing(window_center=-600, window_width=1200, input_size=input_size),
         aggregation=Aggregation(negative_class="normal", fraction=0.1),
+        details=details,
     )
     return folder
 

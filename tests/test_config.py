@@ -55,6 +55,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
             "dicom.allowed_addresses",
         ),
         ("PACS_NODE_DATABASE__PASSWORD_FILE", "/no/such/file", "database.password_file"),
+        ("PACS_NODE_RESULTS__INSTITUTION_NAME", "I" * 65, "results.institution_name"),
     ],
 )
 def test_invalid_values_are_refused_by_name(

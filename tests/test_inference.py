@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import gc
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -15,14 +17,15 @@ from models.predictor import SlicePredictor
 from models.preprocessing import Preprocessing, tensor_from_dataset
 from pacs_node import inference
 from pacs_node.config import InferenceSettings, Settings
+from pacs_node.errors import ConfigurationError
 from pacs_node.inference import (
     REFERENCE_KEYWORDS,
     SeriesClassifier,
     load_classifier,
 )
 from pacs_node.report import ReportingNode, build_report
-from tests.dicom_data import renamed_series, stored_slice
-from tests.peers import chest_ct
+from tests.dicom_data import renamed_series, stored_slice, tiny_artifact
+from tests.peers import REPO, chest_ct
 
 
 def test_only_the_first_header_is_kept_whole_and_the_report_still_references_every_slice(
@@ -125,3 +128,46 @@ def test_a_slice_whose_file_was_cut_short_after_it_was_stored_is_skipped(
     ((name, reason),) = classification.skipped
     assert name == files[1].name and "ends before its 262144 stored words" in reason
     assert len(classification.slices) == 2
+
+
+def test_a_model_whose_reports_would_be_invalid_is_refused_when_the_node_loads_it(
+    tmp_path: Path,
+) -> None:
+    no_scheme_no_meaning = {"benign": {"value": "1"}}
+    tiny_artifact(tmp_path / "model", details={"class_codes": no_scheme_no_meaning})
+    settings = Settings(inference=InferenceSettings(model=tmp_path / "model", device="cpu"))
+    with pytest.raises(ConfigurationError, match=r"no valid report.*class_codes.*benign"):
+        load_classifier(settings)
+
+
+def test_highdicom_tables_are_loaded_and_frozen_with_the_model(tiny_model: Path) -> None:
+    """The first report reads highdicom's tables of the standard (~200 000 objects);
+    loaded after the freeze, every full garbage collection would scan them."""
+    script = f"""
+import gc
+from pathlib import Path
+from pacs_node.config import InferenceSettings, Settings
+from pacs_node.inference import load_classifier
+from pacs_node.report import ReportingNode, build_report
+from tests.peers import chest_ct
+classifier = load_classifier(
+    Settings(inference=InferenceSettings(model=Path({str(tiny_model)!r}), device="cpu"))
+)
+classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:2])
+gc.collect()
+before = len(gc.get_objects())
+build_report(
+    sources=classification.headers,
+    result=classification.result,
+    manifest=classifier.predictor.manifest,
+    revision=1,
+    node=ReportingNode(ae_title="TEST"),
+)
+gc.collect()
+print(len(gc.get_objects()) - before)
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert int(done.stdout.split()[-1]) < 5_000
