@@ -172,6 +172,7 @@ class ReportingNode:
 
 
 def reporting_node(settings: Settings) -> ReportingNode:
+    """The node as its settings describe it to the reports it writes."""
     return ReportingNode(
         ae_title=settings.dicom.ae_title,
         institution_name=settings.results.institution_name or None,
