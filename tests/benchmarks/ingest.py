@@ -39,6 +39,8 @@ from tests.benchmarks.receivers import (
 from tests.dicom_data import renamed_series, tiny_artifact
 from tests.peers import CHEST_CT
 
+DCMTK, PYNETDICOM, NODE = DcmtkStoreSCP.name, PynetdicomStoreSCP.name, PacsNodeReceive.name
+
 
 def make_instances(folder: Path, count: int) -> list[Path]:
     """`count` instances from the 30 real slices, 30 per new series."""
@@ -93,7 +95,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-DCMTK, PYNETDICOM, NODE = "dcmtk storescp", "pynetdicom storescp", "pacs-node receive"
 # (receiver name, associations) -> one measurement per round
 Results = dict[tuple[str, int], list[Measurement]]
 
