@@ -53,9 +53,9 @@ from pacs_node.config import BUNDLED_MODEL
 from pacs_node.inference import (
     SeriesClassifier,
     Slice,
-    freeze_long_lived_objects,
+    settle_long_lived_objects,
 )
-from pacs_node.report import ReportingNode, build_report, rehearse_report
+from pacs_node.report import ReportingNode, build_report
 from pacs_node.storage import Storage
 from pacs_node.worker import encode_report
 from tests.benchmarks.series import long_series
@@ -286,8 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         # A fresh export cache: the set-up time includes the export a first start pays.
         predictor = SlicePredictor(artifact, arguments.device, onnx_cache=root / "onnx")
         set_up = {NODE: time.perf_counter() - started}
-        rehearse_report(predictor.manifest, REPORTING_NODE)  # as load_classifier does
-        freeze_long_lived_objects()
+        settle_long_lived_objects(predictor.manifest, REPORTING_NODE)  # as load_classifier does
         classifiers = {
             threads: SeriesClassifier(predictor, arguments.batch_size, decode_threads=threads)
             for threads in arguments.decode_threads
