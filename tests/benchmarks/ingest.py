@@ -3,8 +3,9 @@
     .venv/bin/python -m tests.benchmarks.ingest [--rounds 3] [--associations 1 4]
         [--split-nodes N]
 
-Receivers: DCMTK storescp (the native reference), pynetdicom's stock
-storescp app, and `pacs-node serve --stages receive` with its durable
+Receivers: DCMTK storescp (the native reference; with more than one
+association `--fork`, its way of serving them in parallel), pynetdicom's
+stock storescp app, and `pacs-node serve --stages receive` with its durable
 defaults (fsync + database row per instance). The receivers run in
 alternating order, round after round, so that drifts of this machine hit all
 of them alike; the ratios are taken per round, then their median printed.
@@ -70,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             for associations in arguments.associations:
                 name = f"{round_number}-{associations}"
                 cases: list[tuple[str, list[Receiver]]] = [
-                    (DCMTK, [DcmtkStoreSCP(root / f"dcmtk-{name}")]),
+                    (DCMTK, [DcmtkStoreSCP(root / f"dcmtk-{name}", fork=associations > 1)]),
                     (PYNETDICOM, [PynetdicomStoreSCP(root / f"pynetdicom-{name}")]),
                     (NODE, [PacsNodeReceive(root / f"node-{name}", model)]),
                 ]

@@ -86,6 +86,10 @@ class Receiver(ABC):
         assert self.process is not None
         return self.process.pid
 
+    def cpu_seconds(self) -> float:
+        """CPU seconds the receiver has used so far."""
+        return cpu_seconds(self.pid)
+
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
@@ -105,12 +109,21 @@ class Receiver(ABC):
 
 
 class DcmtkStoreSCP(Receiver):
+    """DCMTK's storescp; with `fork`, one child process per association, the way it
+    serves associations in parallel (without it, it takes one association at a time
+    and the others wait to be accepted)."""
+
     name = "dcmtk storescp"
+
+    def __init__(self, workdir: Path, fork: bool = False) -> None:
+        super().__init__(workdir)
+        self.fork = fork
 
     def start(self) -> None:
         self._spawn(
             [
                 tool("storescp"),
+                *(["--fork"] if self.fork else []),
                 "--aetitle",
                 self.ae_title,
                 "--output-directory",
@@ -119,6 +132,11 @@ class DcmtkStoreSCP(Receiver):
             ],
             dcmtk_environment(),
         )
+
+    def cpu_seconds(self) -> float:
+        """With its children, running or exited but not yet reaped (reaped ones are
+        in the parent's own figure)."""
+        return sum(cpu_seconds(process) for process in [self.pid, *descendants(self.pid)])
 
 
 class PynetdicomStoreSCP(Receiver):
@@ -178,7 +196,7 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
     `receivers`; their costs are summed."""
     groups = [files[index::associations] for index in range(associations)]
     targets = [receivers[index % len(receivers)] for index in range(associations)]
-    cpu_before = sum(cpu_seconds(receiver.pid) for receiver in receivers)
+    cpu_before = sum(receiver.cpu_seconds() for receiver in receivers)
     # The senders are this process's only children that end (and are reaped) meanwhile.
     senders_before = _children_cpu_seconds()
     started = time.perf_counter()
@@ -208,7 +226,7 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
         seconds=seconds,
         images=len(files),
         megabytes=sum(path.stat().st_size for path in files) / 1e6,
-        cpu_seconds=sum(cpu_seconds(receiver.pid) for receiver in receivers) - cpu_before,
+        cpu_seconds=sum(receiver.cpu_seconds() for receiver in receivers) - cpu_before,
         peak_rss_mb=sum(tree_peak_rss_mb(receiver.pid) for receiver in receivers),
         sender_cpu_seconds=_children_cpu_seconds() - senders_before,
     )
