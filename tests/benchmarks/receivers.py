@@ -135,8 +135,15 @@ class DcmtkStoreSCP(Receiver):
 
     def cpu_seconds(self) -> float:
         """With its children, running or exited but not yet reaped (reaped ones are
-        in the parent's own figure)."""
-        return sum(cpu_seconds(process) for process in [self.pid, *descendants(self.pid)])
+        in the parent's own figure); read again if one was reaped meanwhile."""
+        while True:
+            parent = cpu_seconds(self.pid)
+            try:
+                children = sum(cpu_seconds(child) for child in descendants(self.pid))
+            except FileNotFoundError:
+                continue
+            if cpu_seconds(self.pid) == parent:
+                return parent + children
 
 
 class PynetdicomStoreSCP(Receiver):
