@@ -195,8 +195,14 @@ class StoreSCP(ServerProcess):
         self.port = free_port()
         super().__init__()
 
+    @property
+    def finished(self) -> Path:
+        """A marker per file storescp has written whole (see `received`)."""
+        return self.folder.with_name(f"{self.folder.name}.finished")
+
     def start(self) -> StoreSCP:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.finished.mkdir(exist_ok=True)
         self._process = subprocess.Popen(
             [
                 tool("storescp"),
@@ -206,6 +212,9 @@ class StoreSCP(ServerProcess):
                 str(self.folder),
                 "--accept-all",
                 *(["--unique-filenames"] if self.unique_names else []),
+                # Run once a C-STORE has been processed, its file written and closed.
+                "--exec-on-reception",
+                f"touch '{self.finished}/#f'",
                 str(self.port),
             ],
             env=dcmtk_environment(),
@@ -216,7 +225,11 @@ class StoreSCP(ServerProcess):
         return self
 
     def received(self) -> list[Path]:
-        return sorted(self.folder.glob("*"))
+        """The files storescp has finished writing. A file appears in the folder while it
+        is being written; read then, it was once found without its header."""
+        if not self.finished.is_dir():
+            return []  # never started
+        return sorted(self.folder / marker.name for marker in self.finished.iterdir())
 
 
 def descendants(pid: int) -> list[int]:
