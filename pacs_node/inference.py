@@ -108,21 +108,23 @@ class SeriesClassifier:
         waiting_since = time.perf_counter()
         for batch in self._decoded_batches(paths):
             decode_seconds += time.perf_counter() - waiting_since
-            usable = [item for item in batch if item.tensor is not None and item.header is not None]
+            usable = [
+                (item, item.tensor, item.header)
+                for item in batch
+                if item.tensor is not None and item.header is not None
+            ]
             skipped.extend(
                 (item.path.name, item.error or "unreadable")
                 for item in batch
                 if item.tensor is None
             )
             if usable:
-                inputs = torch.stack([item.tensor for item in usable if item.tensor is not None])
+                inputs = torch.stack([tensor for _, tensor, _ in usable])
                 forward_started = time.perf_counter()
                 rows.append(self.predictor.predict(inputs))
                 forward_seconds += time.perf_counter() - forward_started
-                for item in usable:
-                    if item.header is None:
-                        continue
-                    headers.append(_reference(item.header, item.whole) if headers else _whole(item))
+                for item, _, header in usable:
+                    headers.append(_reference(header, item.whole) if headers else _whole(item))
             on_batch()
             waiting_since = time.perf_counter()
         if not headers:
