@@ -24,7 +24,6 @@ from tests.processes import NodeProcess, descendants, echo
 
 @dataclass(frozen=True)
 class Measurement:
-    receiver: str
     seconds: float
     images: int
     megabytes: float
@@ -229,7 +228,6 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
             raise RuntimeError(f"storescu to {target.name} failed: {errors.decode()[-500:]}")
     seconds = time.perf_counter() - started
     return Measurement(
-        receiver=receivers[0].name,
         seconds=seconds,
         images=len(files),
         megabytes=sum(path.stat().st_size for path in files) / 1e6,
