@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import stat
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -132,3 +136,30 @@ def test_the_row_keeps_where_an_uncompressed_slices_words_lie(
     layout = PixelLayout.from_text(text)
     expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
     assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected)
+
+
+def test_a_file_that_cannot_be_synced_is_refused_and_removed(
+    tmp_path: Path, node: tuple[Receiver, JobStore, Storage], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    receiver, store, storage = node
+    (path,) = renamed_series(chest_ct(), tmp_path / "series", count=1)
+    dataset = pydicom.dcmread(path)
+    synced_on: list[str] = []
+    real_fsync = os.fsync
+
+    def failing_for_files(descriptor: int) -> None:
+        if stat.S_ISREG(os.fstat(descriptor).st_mode):
+            synced_on.append(threading.current_thread().name)
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(descriptor)
+
+    monkeypatch.setattr(os, "fsync", failing_for_files)
+    assert store_statuses(receiver.port, dataset) == [0xA700]
+    # The association's own thread syncs: no helper thread must be woken to start it.
+    assert synced_on and not synced_on[0].startswith(("fsync", "header"))
+    assert stored_files(storage) == []
+    assert list(storage.incoming.iterdir()) == []
+    assert store.series_instances(str(dataset.SeriesInstanceUID)) == []
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert store_statuses(receiver.port, dataset) == [0x0000]
+    assert len(stored_files(storage)) == 1

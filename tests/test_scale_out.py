@@ -36,7 +36,7 @@ def queue_one_slice_series(store: JobStore, storage: Storage, count: int) -> Non
             template.StudyInstanceUID,
             template.SeriesInstanceUID,
             template.SOPInstanceUID,
-            incoming.finish().wait(),
+            incoming.finish(),
         ).wait()
         store.record_instance(
             NewInstance(

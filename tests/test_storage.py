@@ -22,9 +22,7 @@ def test_a_received_instance_is_placed_privately_under_the_hash_of_what_follows_
     incoming = storage.incoming_file(header=b"META")
     incoming.write(b"abc")
     incoming.write(memoryview(b"def"))
-    written = storage.adopt_instance(
-        "1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish().wait()
-    ).wait()
+    written = storage.adopt_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish()).wait()
     digest = hashlib.sha256(b"abcdef").hexdigest()
     assert written.relative_path == f"instances/1.2.3/1.2.3.4/1.2.3.4.5.{digest[:16]}.dcm"
     path = storage.absolute(written.relative_path)
@@ -83,9 +81,7 @@ def test_with_fsync_off_nothing_is_synced(tmp_path: Path, monkeypatch: pytest.Mo
     storage = Storage(tmp_path / "root", fsync=False)
     incoming = storage.incoming_file(header=b"META")
     incoming.write(b"abc")
-    written = storage.adopt_instance(
-        "1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish().wait()
-    ).wait()
+    written = storage.adopt_instance("1.2.3", "1.2.3.4", "1.2.3.4.5", incoming.finish()).wait()
     storage.write("reports/1.2.3/1.2.3.9.dcm", [b"report"])
     assert storage.absolute(written.relative_path).read_bytes() == b"METAabc"
     assert synced == []

@@ -1,0 +1,271 @@
+"""A received instance's header, read as pydicom reads it, without its eager work.
+
+`dcmread` parses every sequence of undefined length into datasets as it reads,
+and reads through a buffered file object. For a CT slice that was most of the
+0.5 ms the receiver spent reading each header, on the path between a data
+set's last byte and its C-STORE response, while the receiver needs a few
+top-level values. `read_header` only finds where each top-level element lies,
+in a memory map of the file, and gives pydicom the raw elements its own reader
+would give: pydicom converts a value, a sequence included, when it is asked for.
+
+The common encodings are read here: little endian, explicit or implicit VR,
+whose sequences of undefined length are explicit `SQ`s (implicit: SQ in the
+data dictionary). Everything else (big endian, deflate, an encoding that is not
+the transfer syntax's, a VR pydicom would have to guess, a malformed or
+truncated element) is left to `dcmread`, so that pydicom decides, and words,
+what is wrong.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import cast
+
+from pydicom import dcmread
+from pydicom.charset import convert_encodings, default_encoding
+from pydicom.datadict import dictionary_VR
+from pydicom.dataelem import DataElement, RawDataElement, empty_value_for_VR
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.tag import BaseTag
+from pydicom.uid import (
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ImplicitVRLittleEndian,
+    PrivateTransferSyntaxes,
+)
+from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
+
+__all__ = ["read_header"]
+
+UNDEFINED_LENGTH = 0xFFFFFFFF
+_PREAMBLE_BYTES = 128
+_READ_AHEAD_BYTES = 64 * 1024
+_ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
+_PIXEL_DATA = 0x7FE00010
+_CHARACTER_SET = 0x00080005
+# Not read here: a data set compressed as a whole, big endian, or in a private syntax.
+_NOT_READ_HERE = {DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian, *PrivateTransferSyntaxes}
+_KNOWN_VRS = frozenset(vr.value.encode() for vr in VR if len(vr.value) == 2)
+_LONG_VRS = frozenset(vr.encode() for vr in EXPLICIT_VR_LENGTH_32)
+
+_TAG = struct.Struct("<HH")
+_EXPLICIT = struct.Struct("<HH2sH")
+_IMPLICIT = struct.Struct("<HHL")
+_LENGTH_32 = struct.Struct("<L")
+
+
+Elements = dict[BaseTag, DataElement | RawDataElement]
+
+
+class _NotReadHereError(Exception):
+    """What `dcmread` reads instead: it knows every encoding, and says what is wrong."""
+
+
+def read_header(path: Path, defer_bytes: int) -> Dataset:
+    """`dcmread(path, defer_size=defer_bytes)`, the same elements, raw until used."""
+    try:
+        return _read(path, defer_bytes)
+    except _NotReadHereError:
+        return dcmread(path, defer_size=defer_bytes)
+
+
+def _read(path: Path, defer_bytes: int) -> FileDataset:
+    descriptor = os.open(path, os.O_RDONLY | os.O_NOATIME)
+    with os.fdopen(descriptor, "rb", buffering=0) as file:
+        data = _Window(file.fileno())
+        if data.read(_PREAMBLE_BYTES, 4) != b"DICM":
+            raise _NotReadHereError
+        reader = _Reader(data, defer_bytes)
+        meta, start = reader.file_meta(_PREAMBLE_BYTES + 4)
+        file_meta = FileMetaDataset(meta)
+        transfer_syntax = file_meta.get("TransferSyntaxUID")
+        if transfer_syntax is None or transfer_syntax in _NOT_READ_HERE:
+            raise _NotReadHereError
+        if start >= data.size:
+            raise _NotReadHereError  # no data set: dcmread then assumes implicit VR
+        implicit = transfer_syntax == ImplicitVRLittleEndian
+        elements = reader.top_level(start, implicit)
+        preamble = data.read(0, _PREAMBLE_BYTES)
+    file_meta.set_original_encoding(False, True, default_encoding)
+    dataset = Dataset(elements)
+    # As read_dataset and dcmread record how the data set was encoded.
+    character_set = dataset.get("SpecificCharacterSet")
+    encoding = default_encoding if character_set is None else convert_encodings(character_set)
+    dataset.set_original_encoding(implicit, True, encoding)
+    header = FileDataset(str(path), dataset, preamble, file_meta, implicit, True)
+    header.set_original_encoding(implicit, True, encoding)
+    return header
+
+
+class _Window:
+    """An open file's bytes by offset, read ahead: one read holds a whole header."""
+
+    def __init__(self, descriptor: int) -> None:
+        self.descriptor = descriptor
+        self.size = os.fstat(descriptor).st_size
+        self.start = 0
+        self.buffer = b""
+
+    def read(self, offset: int, count: int) -> bytes:
+        """`count` bytes from `offset`, fewer at the end of the file."""
+        begin = offset - self.start
+        if begin < 0 or begin + count > len(self.buffer):
+            self.buffer = os.pread(self.descriptor, max(count, _READ_AHEAD_BYTES), offset)
+            self.start, begin = offset, 0
+        return self.buffer[begin : begin + count]
+
+
+class _Reader:
+    """Element boundaries in one file's bytes; raises `_NotReadHereError` on anything odd."""
+
+    def __init__(self, data: _Window, defer_bytes: int) -> None:
+        self.data = data
+        self.size = data.size
+        self.defer_bytes = defer_bytes
+
+    def file_meta(self, start: int) -> tuple[Elements, int]:
+        """Group 0002 (always explicit VR little endian), and where the data set starts."""
+        elements: Elements = {}
+        offset = start
+        while offset + 4 <= self.size and _TAG.unpack(self.data.read(offset, 4))[0] == 0x0002:
+            tag, vr, length, value_at = self._explicit_header(offset)
+            if length == UNDEFINED_LENGTH:
+                raise _NotReadHereError
+            offset = self._end(value_at, length)
+            name = vr.decode()
+            value = self._value(tag, name, value_at, length)
+            elements[tag] = RawDataElement(tag, name, length, value, value_at, False, True)
+        return elements, offset
+
+    def top_level(self, start: int, implicit: bool) -> Elements:
+        self._check_encoding(start, implicit)
+        elements: Elements = {}
+        offset = start
+        while offset < self.size:
+            tag, vr, length, value_at = self._header(offset, implicit)
+            if tag >> 16 == 0xFFFE:
+                raise _NotReadHereError  # an item or delimiter outside a sequence
+            if length == UNDEFINED_LENGTH:
+                element, offset = self._undefined_length(tag, vr, value_at, implicit)
+            else:
+                offset = self._end(value_at, length)
+                name = None if vr is None else vr.decode()
+                value = self._value(tag, name, value_at, length)
+                element = RawDataElement(tag, name, length, value, value_at, implicit, True)
+            elements[tag] = element
+        return elements
+
+    def _value(self, tag: BaseTag, vr: str | None, value_at: int, length: int) -> bytes | None:
+        """A value of defined length as data_element_generator gives it: None when
+        deferred, the VR's raw empty value when empty."""
+        if length == 0:
+            return cast(bytes | None, empty_value_for_VR(vr, raw=True))
+        if length > self.defer_bytes and tag != _CHARACTER_SET:
+            return None
+        return self.data.read(value_at, length)
+
+    def _undefined_length(
+        self, tag: BaseTag, vr: bytes | None, value_at: int, implicit: bool
+    ) -> tuple[RawDataElement, int]:
+        """A sequence, kept as its items' bytes for pydicom to parse when used, or
+        encapsulated pixel data, deferred as dcmread defers it."""
+        if tag == _PIXEL_DATA and vr in (None, b"OB", b"OW"):
+            end = self._items_end(value_at, implicit, pixel_fragments=True)
+            # The fragments in their items, without the delimiter, deferred as dcmread
+            # defers them (it counts the delimiter's tag); implicit: the dictionary's VR.
+            fragments = end - 8 - value_at
+            value = (
+                None
+                if self.defer_bytes <= fragments + 4
+                else self.data.read(value_at, end - 8 - value_at)
+            )
+            name = vr.decode() if vr is not None else dictionary_VR(tag)
+            element = RawDataElement(tag, name, UNDEFINED_LENGTH, value, value_at, implicit, True)
+            return element, end
+        if vr is None:
+            try:
+                is_sequence = dictionary_VR(tag) == VR.SQ
+            except KeyError:
+                is_sequence = False
+            if not is_sequence:
+                raise _NotReadHereError  # pydicom would look ahead to guess
+        elif vr != b"SQ":
+            raise _NotReadHereError
+        end = self._items_end(value_at, implicit, pixel_fragments=False)
+        items = self.data.read(value_at, end - 8 - value_at)
+        return RawDataElement(tag, "SQ", UNDEFINED_LENGTH, items, value_at, implicit, True), end
+
+    def _items_end(self, offset: int, implicit: bool, pixel_fragments: bool) -> int:
+        """Where a sequence (or pixel data) of undefined length ends, past its delimiter."""
+        while True:
+            tag, length = self._item_header(offset)
+            offset += 8
+            if tag == _SEQUENCE_END:
+                return offset
+            if tag != _ITEM:
+                raise _NotReadHereError
+            if length != UNDEFINED_LENGTH:
+                offset = self._end(offset, length)
+            elif pixel_fragments:
+                raise _NotReadHereError  # a fragment's length is always defined
+            else:
+                offset = self._item_end(offset, implicit)
+
+    def _item_end(self, offset: int, implicit: bool) -> int:
+        """Where an item of undefined length ends, past its delimiter."""
+        self._check_encoding(offset, implicit)
+        while True:
+            tag, _ = self._item_header(offset)
+            if tag == _ITEM_END:
+                return offset + 8
+            tag, vr, length, value_at = self._header(offset, implicit)
+            if length == UNDEFINED_LENGTH:
+                _, offset = self._undefined_length(tag, vr, value_at, implicit)
+            else:
+                offset = self._end(value_at, length)
+
+    def _check_encoding(self, start: int, implicit: bool) -> None:
+        """read_dataset's check of a data set's first element: where its VR looks
+        otherwise than `implicit` says, pydicom would warn and switch (or, in a
+        sequence, read implicit VR in explicit VR: PS3.5 6.2.2)."""
+        if start + 6 <= self.size:
+            vr = self.data.read(start + 4, 2)
+            if (not (0x40 < vr[0] < 0x5B and 0x40 < vr[1] < 0x5B)) != implicit:
+                raise _NotReadHereError
+
+    def _header(self, offset: int, implicit: bool) -> tuple[BaseTag, bytes | None, int, int]:
+        """An element's tag, VR (None: implicit), value length, and where its value starts."""
+        if not implicit:
+            return self._explicit_header(offset)
+        if offset + 8 > self.size:
+            raise _NotReadHereError
+        group, element, length = _IMPLICIT.unpack(self.data.read(offset, _IMPLICIT.size))
+        return BaseTag(group << 16 | element), None, length, offset + 8
+
+    def _explicit_header(self, offset: int) -> tuple[BaseTag, bytes, int, int]:
+        if offset + 8 > self.size:
+            raise _NotReadHereError
+        group, element, vr, length = _EXPLICIT.unpack(self.data.read(offset, _EXPLICIT.size))
+        if vr not in _KNOWN_VRS:
+            raise _NotReadHereError
+        if vr in _LONG_VRS:
+            if offset + 12 > self.size:
+                raise _NotReadHereError
+            (length,) = _LENGTH_32.unpack(self.data.read(offset + 8, 4))
+            return BaseTag(group << 16 | element), vr, length, offset + 12
+        return BaseTag(group << 16 | element), vr, length, offset + 8
+
+    def _item_header(self, offset: int) -> tuple[int, int]:
+        if offset + 8 > self.size:
+            raise _NotReadHereError
+        group, element, length = _IMPLICIT.unpack(self.data.read(offset, _IMPLICIT.size))
+        return group << 16 | element, length
+
+    def _end(self, value_at: int, length: int) -> int:
+        """The end of a value of defined length, which must lie in the file."""
+        end = value_at + length
+        if end > self.size:
+            raise _NotReadHereError  # truncated: dcmread and check_complete say where
+        return end
