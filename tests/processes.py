@@ -236,7 +236,11 @@ def descendants(pid: int) -> list[int]:
     """The child processes of `pid`, their children, and so on."""
     found: list[int] = []
     for task in Path(f"/proc/{pid}/task").iterdir():
-        for child in (task / "children").read_text().split():
+        try:
+            children = (task / "children").read_text().split()
+        except FileNotFoundError:
+            continue  # a thread that ended (an association's) since the folder was listed
+        for child in children:
             found += [int(child), *descendants(int(child))]
     return found
 
