@@ -115,8 +115,11 @@ class Receiver:
         self._acceptor: Acceptor | None = None
         self._associations: dict[int, _AssociationState] = {}
         self._lock = threading.Lock()
-        # Where received headers are read while their association's thread syncs the file.
-        self._readers: ThreadPoolExecutor | None = None
+        # Where received headers are read while their association's thread syncs the
+        # file. It outlives stop(): an association cut by stop() may still be finishing.
+        self._readers = ThreadPoolExecutor(
+            min(dicom.max_associations, 8), thread_name_prefix="header"
+        )
 
     def start(self) -> None:
         settings = AcceptorSettings(
@@ -131,14 +134,9 @@ class Receiver:
             for sop_class in [VERIFICATION, *_storage_sop_classes()]
         ]
         acceptor = Acceptor(settings, self, contexts)
-        self._readers = ThreadPoolExecutor(
-            min(self.dicom.max_associations, 8), thread_name_prefix="header"
-        )
         try:
             acceptor.start(self.dicom.bind, self.dicom.port)
         except OSError as error:
-            self._readers.shutdown()
-            self._readers = None
             raise ConfigurationError(
                 f"cannot listen on {self.dicom.bind}:{self.dicom.port}: {error.strerror}"
             ) from error
@@ -148,9 +146,6 @@ class Receiver:
         if self._acceptor is not None:
             self._acceptor.stop()
             self._acceptor = None
-        if self._readers is not None:
-            self._readers.shutdown()
-            self._readers = None
 
     @property
     def port(self) -> int:
@@ -234,8 +229,6 @@ class Receiver:
 
     def read_received(self, path: Path, size: int) -> Future[ReadInstance]:
         """Read a received data set's header (see `read_instance`) on another thread."""
-        if self._readers is None:
-            raise RuntimeError("the receiver is not running")
         return self._readers.submit(read_instance, path, size, self.intake)
 
     def store_received(
