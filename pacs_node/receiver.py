@@ -461,7 +461,13 @@ def read_instance(path: Path, size: int, intake: IntakeSettings) -> ReadInstance
     """Read a received data set of `size` bytes at `path`: its header only (values
     over DEFER_BYTES, the pixel data, stay on disk), checked and described; raises
     as `check_complete` and `describe` do, or as pydicom does on malformed data."""
-    dataset = read_header(path, DEFER_BYTES)
+    try:
+        dataset = read_header(path, DEFER_BYTES)
+    except OSError as error:
+        if error.errno is not None:
+            raise  # the disk failed: a storage failure
+        # pydicom's word for a data set that ends inside a sequence, say.
+        raise BadInstanceError(f"cannot decode data set: {error}") from error
     check_complete(dataset, size)
     info = describe(dataset, intake)
     return ReadInstance(info, _layout_text(dataset) if info.classifiable else None)

@@ -301,6 +301,13 @@ UNDECODABLE: dict[str, tuple[Callable[[bytes], bytes], str, int, str]] = {
         0xC000,
         "StudyInstanceUID is missing",
     ),
+    "data set truncated inside a sequence": (
+        # pydicom raises OSError, no errno: not a storage failure.
+        lambda body: body[: body.index(b"\x08\x00\x40\x11SQ") + 24],
+        ExplicitVRLittleEndian,
+        0xC000,
+        "cannot decode data set: No tag to read",
+    ),
     "garbage instead of a data set": (
         lambda body: bytes(range(256)) * 64,
         ExplicitVRLittleEndian,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -202,3 +203,98 @@ def test_damaged_headers_read_as_dcmread_reads_them(tmp_path: Path) -> None:
             data[generator.randrange(132, 3020)] = generator.randrange(256)
         path.write_bytes(bytes(data))
         assert_same(path)
+
+
+# Raw encodings, for what no writer makes on purpose.
+_LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
+UNDEFINED = 0xFFFFFFFF
+ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
+SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
+
+
+def element(tag: int, vr: str, value: bytes = b"", length: int | None = None) -> bytes:
+    """One explicit VR little endian element; `length` overrides the value's own."""
+    size = len(value) if length is None else length
+    if vr in _LONG:
+        return struct.pack("<HH2sHL", tag >> 16, tag & 0xFFFF, vr.encode(), 0, size) + value
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), size) + value
+
+
+def item(content: bytes, length: int | None = None) -> bytes:
+    size = len(content) if length is None else length
+    return struct.pack("<HHL", 0xFFFE, 0xE000, size) + content
+
+
+def sequence(tag: int, *items: bytes) -> bytes:
+    return element(tag, "SQ", length=UNDEFINED) + b"".join(items) + SEQUENCE_END
+
+
+def instance_with(tmp_path: Path, name: str, before: bytes = b"", after: bytes = b"") -> Path:
+    """A real slice's data set (explicit VR) with raw elements put before and after its
+    first element; its file meta from the slice."""
+    body = encoded(ct_slice())
+    first = 8 + struct.unpack_from("<H", body, 6)[0]  # (0008,0005), a short element
+    return raw_file(
+        tmp_path / name, CT_IMAGE, "1.2.3", before + body[:first] + after + body[first:]
+    )
+
+
+CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
+MODALITY = 0x00080060
+
+
+def test_an_item_that_its_elements_overrun_or_end_early_is_left_to_pydicom(
+    tmp_path: Path, left_to_pydicom: list[Path]
+) -> None:
+    # dcmread walks an item's elements, not its length: a delimiter inside ends it
+    # early, an element may run past it; both then read the rest of the data set
+    # otherwise than the lengths say (here: Modality MR, or CT).
+    hidden = element(MODALITY, "CS", b"CT")
+    early = ITEM_END + SEQUENCE_END + element(MODALITY, "CS", b"MR")
+    early += element(0x00080070, "LO", length=8 + len(hidden))[:8]
+    overrun = item(element(0x00081150, "UI", b"1.2", length=12), length=8) + b"\0" * 4
+    for name, items in (("early", item(early)), ("overrun", overrun)):
+        path = instance_with(tmp_path, name, after=sequence(0x00081140, items) + hidden)
+        assert_same(path)
+        assert left_to_pydicom[-1] == path
+
+
+def test_deep_nesting_is_left_to_pydicom(tmp_path: Path, left_to_pydicom: list[Path]) -> None:
+    nested = element(0x00080100, "SH", b"X ")
+    for _ in range(40):
+        nested = sequence(0x00081140, item(nested + ITEM_END, length=UNDEFINED))
+    path = instance_with(tmp_path, "nested.dcm", after=nested)
+    assert_same(path)
+    assert left_to_pydicom == [path]
+
+
+def test_a_character_set_after_a_sequence_is_left_to_pydicom(
+    tmp_path: Path, left_to_pydicom: list[Path]
+) -> None:
+    # dcmread decodes an item's text with the character set read so far.
+    name = "Müller".encode() + b" "
+    items = item(element(0x00100010, "PN", name))
+    body = encoded(ct_slice())
+    first = 8 + struct.unpack_from("<H", body, 6)[0]
+    moved = sequence(0x00080006, items) + element(0x00080005, "CS", b"ISO_IR 192")
+    path = raw_file(tmp_path / "late.dcm", CT_IMAGE, "1.2.3", moved + body[first:])
+    assert_same(path)
+    assert left_to_pydicom == [path]
+
+
+def test_command_elements_and_bad_group_lengths_are_left_to_pydicom(
+    tmp_path: Path, left_to_pydicom: list[Path]
+) -> None:
+    command = element(0x00000900, "US", b"\0\0")
+    bad_length = element(0x00020000, "UL", b"\1\2\3")  # read as meta: dcmread raises
+    for name, before in (("command", command), ("length", bad_length)):
+        path = instance_with(tmp_path, name, before=before)
+        assert_same(path)
+        assert left_to_pydicom[-1] == path
+
+
+def test_long_meta_values_are_read_whole_as_dcmread_reads_them(
+    tmp_path: Path, read_here_only: None
+) -> None:
+    path = instance_with(tmp_path, "meta", before=element(0x00020102, "OB", b"\1" * (DEFER + 2)))
+    assert_same(path)
