@@ -52,7 +52,7 @@ class Syncing(Generic[T]):
 
 @dataclass(frozen=True)
 class ReceivedFile:
-    """A complete file in incoming/, and the SHA-256 of its content."""
+    """A complete, synced file in incoming/, and the SHA-256 of its content."""
 
     path: Path
     size: int
