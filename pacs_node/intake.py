@@ -15,9 +15,9 @@ from pydicom.dataset import Dataset
 
 from pacs_node.config import IntakeSettings
 from pacs_node.errors import BadInstanceError, DatasetMismatchError
+from pacs_node.header import UNDEFINED_LENGTH
 from pacs_node.storage import check_uid
 
-UNDEFINED_LENGTH = 0xFFFFFFFF
 # Image Pixel module attributes without which pixel data cannot be read (PS3.3 C.7.6.3).
 _IMAGE_PIXEL_TYPE_1 = ("Rows", "Columns", "BitsAllocated", "SamplesPerPixel")
 # Image IODs whose instances are invalid without pixel data.

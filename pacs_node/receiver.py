@@ -396,21 +396,22 @@ class _InstanceSink:
                 self.error = error  # the rest is read and dropped
 
     def finish(self) -> Status:
-        if self.error is None:
-            # This thread syncs the file, which lets go of the GIL at once, while
-            # another reads its header: neither waits for the other to start
-            # (ingest 1.17x syncing on another thread and parsing here: README).
-            reading = self.receiver.read_received(self.file.path, self.file.size)
-            try:
-                received = self.file.finish()
-            except OSError as error:
-                self.error = error
-            else:
-                return self.receiver.store_received(self.request, received, reading)
-        else:
+        if self.error is not None:
             self.file.discard()
+            return self._failed(self.error)
+        # This thread syncs the file, which lets go of the GIL at once, while
+        # another reads its header: neither waits for the other to start
+        # (ingest 1.15x syncing on another thread and parsing here: README).
+        reading = self.receiver.read_received(self.file.path, self.file.size)
+        try:
+            received = self.file.finish()  # removes the file if the sync fails
+        except OSError as error:
+            return self._failed(error)
+        return self.receiver.store_received(self.request, received, reading)
+
+    def _failed(self, error: OSError) -> Status:
         return self.receiver._counted(
-            self.request, self.receiver._storage_failure(self.request, self.error)
+            self.request, self.receiver._storage_failure(self.request, error)
         )
 
     def discard(self) -> None:

@@ -24,7 +24,7 @@ from pydicom.uid import (
 )
 
 from pacs_node import header
-from pacs_node.header import read_header
+from pacs_node.header import UNDEFINED_LENGTH, read_header
 from tests.bad_input import ct_slice, deflated, encoded, raw_file
 from tests.peers import chest_ct
 
@@ -207,7 +207,6 @@ def test_damaged_headers_read_as_dcmread_reads_them(tmp_path: Path) -> None:
 
 # Raw encodings, for what no writer makes on purpose.
 _LONG = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
-UNDEFINED = 0xFFFFFFFF
 ITEM_END = struct.pack("<HHL", 0xFFFE, 0xE00D, 0)
 SEQUENCE_END = struct.pack("<HHL", 0xFFFE, 0xE0DD, 0)
 
@@ -226,17 +225,20 @@ def item(content: bytes, length: int | None = None) -> bytes:
 
 
 def sequence(tag: int, *items: bytes) -> bytes:
-    return element(tag, "SQ", length=UNDEFINED) + b"".join(items) + SEQUENCE_END
+    return element(tag, "SQ", length=UNDEFINED_LENGTH) + b"".join(items) + SEQUENCE_END
+
+
+def first_and_rest() -> tuple[bytes, bytes]:
+    """A real slice's data set (explicit VR): its first element, (0008,0005), and the rest."""
+    body = encoded(ct_slice())
+    first = 8 + struct.unpack_from("<H", body, 6)[0]  # a short element
+    return body[:first], body[first:]
 
 
 def instance_with(tmp_path: Path, name: str, before: bytes = b"", after: bytes = b"") -> Path:
-    """A real slice's data set (explicit VR) with raw elements put before and after its
-    first element; its file meta from the slice."""
-    body = encoded(ct_slice())
-    first = 8 + struct.unpack_from("<H", body, 6)[0]  # (0008,0005), a short element
-    return raw_file(
-        tmp_path / name, CT_IMAGE, "1.2.3", before + body[:first] + after + body[first:]
-    )
+    """A real slice's data set with raw elements put before and after its first element."""
+    first, rest = first_and_rest()
+    return raw_file(tmp_path / name, CT_IMAGE, "1.2.3", before + first + after + rest)
 
 
 CT_IMAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -262,7 +264,7 @@ def test_an_item_that_its_elements_overrun_or_end_early_is_left_to_pydicom(
 def test_deep_nesting_is_left_to_pydicom(tmp_path: Path, left_to_pydicom: list[Path]) -> None:
     nested = element(0x00080100, "SH", b"X ")
     for _ in range(40):
-        nested = sequence(0x00081140, item(nested + ITEM_END, length=UNDEFINED))
+        nested = sequence(0x00081140, item(nested + ITEM_END, length=UNDEFINED_LENGTH))
     path = instance_with(tmp_path, "nested.dcm", after=nested)
     assert_same(path)
     assert left_to_pydicom == [path]
@@ -274,10 +276,9 @@ def test_a_character_set_after_a_sequence_is_left_to_pydicom(
     # dcmread decodes an item's text with the character set read so far.
     name = "Müller".encode() + b" "
     items = item(element(0x00100010, "PN", name))
-    body = encoded(ct_slice())
-    first = 8 + struct.unpack_from("<H", body, 6)[0]
+    _, rest = first_and_rest()
     moved = sequence(0x00080006, items) + element(0x00080005, "CS", b"ISO_IR 192")
-    path = raw_file(tmp_path / "late.dcm", CT_IMAGE, "1.2.3", moved + body[first:])
+    path = raw_file(tmp_path / "late.dcm", CT_IMAGE, "1.2.3", moved + rest)
     assert_same(path)
     assert left_to_pydicom == [path]
 
