@@ -15,7 +15,7 @@ import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import create_engine, text
+from sqlalchemy import Engine, create_engine, event, text
 
 from pacs_node.errors import (
     ConfigurationError,
@@ -32,7 +32,9 @@ from pacs_node.store import (
     NewInstance,
     NewResult,
     SeriesState,
+    ingest,
 )
+from pacs_node.store.database import create_store_engine, writer
 from pacs_node.store.migrate import alembic_config
 from pacs_node.store.schema import Base
 from tests.peers import free_port
@@ -204,6 +206,91 @@ def test_locked_sqlite_database_is_store_unavailable(tmp_path: Path) -> None:
     finally:
         holder.close()
         store.close()
+
+
+def sqlite_rows(path: Path, table: str, key: str) -> dict[str, dict[str, Any]]:
+    """Every row of `table` as SQLite stores it (no SQLAlchemy types), by `key`."""
+    connection = sqlite3.connect(path)
+    connection.row_factory = sqlite3.Row
+    try:
+        return {row[key]: dict(row) for row in connection.execute(f"SELECT * FROM {table}")}
+    finally:
+        connection.close()
+
+
+def test_sqlite_new_instance_rows_equal_the_core_statements_rows(tmp_path: Path) -> None:
+    """A new instance goes through sqlite3 itself on SQLite (ingest.NewInstanceWriter):
+    its rows must hold exactly what SQLAlchemy's statements would have written."""
+    path = tmp_path / "store.db"
+    store = JobStore(f"sqlite:///{path}")
+    store.upgrade()
+    local = T0.astimezone(timezone(timedelta(hours=-5)))  # converted to UTC on both paths
+    through_driver = [
+        instance(1, 1, at=local, images_in_acquisition=2),
+        instance(1, 2, at=local, classifiable=False),
+    ]
+    through_core = [
+        instance(2, 1, at=local, images_in_acquisition=2),
+        instance(2, 2, at=local, classifiable=False),
+    ]
+    for new in through_driver:
+        assert store.record_instance(new).outcome is InstanceOutcome.NEW
+    engine = writer(create_store_engine(f"sqlite:///{path}"))
+    try:
+        for new in through_core:
+            with engine.begin() as connection:
+                assert ingest.record_instance(connection, new).outcome is InstanceOutcome.NEW
+    finally:
+        engine.dispose()
+        store.close()
+
+    series = sqlite_rows(path, "series", "series_instance_uid")
+    driver_series, core_series = series.pop(series_uid(1)), series.pop(series_uid(2))
+    assert series == {}
+    assert {**driver_series, "series_instance_uid": ""} == {
+        **core_series,
+        "series_instance_uid": "",
+    }
+    assert driver_series["first_received_at"] == "2025-03-01 12:00:00.000000"
+    instances = sqlite_rows(path, "instances", "sop_instance_uid")
+    for driver_new, core_new in zip(through_driver, through_core, strict=True):
+        driver_row = instances.pop(driver_new.sop_instance_uid)
+        core_row = instances.pop(core_new.sop_instance_uid)
+        for row in (driver_row, core_row):
+            row["sop_instance_uid"] = row["series_instance_uid"] = ""
+            row["path"] = row["path"].replace(series_uid(1), "").replace(series_uid(2), "")
+        assert driver_row == core_row
+
+
+def test_sqlite_new_instances_skip_sqlalchemy_and_repeats_take_it(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    store = JobStore(f"sqlite:///{path}")
+    store.upgrade()
+    executed: list[str] = []
+
+    def count(*arguments: Any) -> None:
+        executed.append(arguments[2])  # the SQL
+
+    event.listen(Engine, "before_cursor_execute", count)
+    try:
+        assert store.record_instance(instance(1, 1)).outcome is InstanceOutcome.NEW
+        assert executed == []
+        changed = instance(1, 1, sha256="c" * 64)
+        assert store.record_instance(changed).outcome is InstanceOutcome.CHANGED
+        assert executed != []
+    finally:
+        event.remove(Engine, "before_cursor_execute", count)
+    # The repeat's first try was rolled back: no lock is left held.
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+    assert store.record_instance(instance(1, 2)).outcome is InstanceOutcome.NEW
+    series = store.get_series(series_uid(1))
+    assert series is not None and (series.instance_count, series.classifiable_count) == (2, 2)
+    store.close()
 
 
 def test_postgresql_server_down_is_store_unavailable() -> None:

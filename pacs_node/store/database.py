@@ -9,6 +9,7 @@ and relies on row locks (FOR UPDATE [SKIP LOCKED]) where it matters.
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -100,6 +101,15 @@ def translated_errors() -> Iterator[None]:
         if not exc.connection_invalidated:
             raise
         raise StoreUnavailableError(f"job store connection lost: {_reason(exc)}") from exc
+
+
+@contextmanager
+def translated_driver_errors() -> Iterator[None]:
+    """`translated_errors` for sqlite3's own exceptions (see ingest.NewInstanceWriter)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailableError(f"job store unavailable: {_reason(exc)}") from exc
 
 
 def _reason(exc: Exception) -> str:

@@ -7,6 +7,14 @@ costs SQLite (measured: 0.98 ms per instance before, 0.39 ms after).
 Rows are created with INSERT ... ON CONFLICT DO NOTHING and counters change
 with `count = count + n`, so receiver threads (or processes) recording the
 same series at once neither collide nor lose an update.
+
+On SQLite a new instance, the common case, goes further: `NewInstanceWriter`
+runs the same three statements, compiled once with SQLAlchemy's own SQL and
+parameter conversions, on the sqlite3 connection itself. SQLAlchemy's work
+around each statement and transaction was more than half of the row's time
+(0.39 -> 0.22 ms per row alone; ingest 1.10x, README). Anything else, a
+repeat or PostgreSQL (whose connection failures SQLAlchemy must see to replace
+the connection), takes `record_instance`.
 """
 
 from __future__ import annotations
@@ -14,8 +22,11 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from datetime import datetime
 from functools import cache
+from typing import Any
 
-from sqlalchemy import Connection, Insert, bindparam, case, select, update
+from sqlalchemy import Connection, Engine, Insert, bindparam, case, select, update
+from sqlalchemy.engine import Dialect
+from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
 
 from pacs_node.store.database import insert_ignoring_conflicts
@@ -145,3 +156,71 @@ def _add_to_series(
             "p_received": received_at,
         },
     ).scalar_one()
+
+
+class NewInstanceWriter:
+    """Records new instances on SQLite through the sqlite3 connection (see the module
+    docstring); `record` returns None, having written nothing, for an instance the
+    store already has."""
+
+    def __init__(self, engine: Engine) -> None:
+        if engine.dialect.name != "sqlite":
+            raise ValueError(f"NewInstanceWriter serves SQLite, not {engine.dialect.name}")
+        self._engine = engine
+        statements = _statements("sqlite")
+        self._create_series = _DriverStatement(statements.create_series, engine.dialect)
+        self._insert_instance = _DriverStatement(statements.insert_instance, engine.dialect)
+        self._add_to_series = _DriverStatement(statements.add_to_series, engine.dialect)
+
+    def record(self, instance: NewInstance) -> RecordedInstance | None:
+        """Raises sqlite3's own errors (`database.translated_driver_errors` turns them)."""
+        values = {field.name: getattr(instance, field.name) for field in fields(instance)}
+        pooled = self._engine.raw_connection()
+        try:
+            cursor = pooled.driver_connection.cursor()  # type: ignore[union-attr]
+            # The writer's transaction: the write lock up front (see database.writer).
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute(*self._create_series.bound(values))
+            if cursor.execute(*self._insert_instance.bound(values)).fetchone() is None:
+                return None  # a repeat: rolled back as the connection goes back
+            (classifiable,) = cursor.execute(
+                *self._add_to_series.bound(
+                    {
+                        "p_series": instance.series_instance_uid,
+                        "p_instances": 1,
+                        "p_classifiable": int(instance.classifiable),
+                        "p_received": instance.received_at,
+                    }
+                )
+            ).fetchone()
+            cursor.execute("COMMIT")
+        finally:
+            pooled.close()  # the pool rolls back whatever was not committed
+        return RecordedInstance(InstanceOutcome.NEW, classifiable_in_series=classifiable)
+
+
+class _DriverStatement:
+    """A Core statement's SQL for one dialect, with its parameters converted as
+    SQLAlchemy would convert them (bind processors: UTC datetimes, enums, booleans)."""
+
+    def __init__(self, statement: Any, dialect: Dialect) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None:
+            raise ValueError(f"{dialect.name}: expected SQL with positional parameters")
+        self._compiled = compiled
+        self._names = tuple(compiled.positiontup)
+        # The dialect's own form of each type, as SQLAlchemy converts: SQLite's
+        # DATETIME writes fixed-width text, where sqlite3 would drop zero microseconds.
+        self._processors = tuple(
+            compiled.binds[name].type.dialect_impl(dialect).bind_processor(dialect)
+            for name in self._names
+        )
+
+    def bound(self, values: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+        """The SQL and its positional parameters for `values` (by bind name)."""
+        given = self._compiled.construct_params(values)
+        assert given is not None  # None only for a compiled DDL statement
+        return self._compiled.string, tuple(
+            given[name] if process is None else process(given[name])
+            for name, process in zip(self._names, self._processors, strict=True)
+        )

@@ -15,7 +15,12 @@ from sqlalchemy.orm import Session
 
 from pacs_node.errors import ConfigurationError
 from pacs_node.store import assembly, ingest, jobs, migrate, retention
-from pacs_node.store.database import create_store_engine, translated_errors, writer
+from pacs_node.store.database import (
+    create_store_engine,
+    translated_driver_errors,
+    translated_errors,
+    writer,
+)
 from pacs_node.store.records import (
     Instance,
     Job,
@@ -45,6 +50,12 @@ class JobStore:
         """Connects lazily; does not migrate (see upgrade and check_schema)."""
         self._engine = create_store_engine(url)
         self._writer = writer(self._engine)
+        # SQLite: new instances through the driver's own connection (see ingest).
+        self._new_instances = (
+            ingest.NewInstanceWriter(self._engine)
+            if self._engine.dialect.name == "sqlite"
+            else None
+        )
 
     @contextmanager
     def _transaction(self, write: bool) -> Iterator[Session]:
@@ -77,6 +88,11 @@ class JobStore:
 
     def record_instance(self, instance: NewInstance) -> RecordedInstance:
         """Store an instance row and update its series; see InstanceOutcome for repeats."""
+        if self._new_instances is not None:
+            with translated_errors(), translated_driver_errors():
+                recorded = self._new_instances.record(instance)
+            if recorded is not None:
+                return recorded
         with translated_errors(), self._writer.begin() as connection:
             return ingest.record_instance(connection, instance)
 
