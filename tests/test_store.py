@@ -293,6 +293,43 @@ def test_sqlite_new_instances_skip_sqlalchemy_and_repeats_take_it(tmp_path: Path
     store.close()
 
 
+def test_sqlite_new_instance_writer_ends_its_own_transactions(tmp_path: Path) -> None:
+    """A repeat, or a failure mid-transaction, must not leave the write lock held,
+    even on an engine whose pool does not roll back connections it takes back."""
+    path = tmp_path / "store.db"
+    setup = JobStore(f"sqlite:///{path}")
+    setup.upgrade()
+    setup.record_instance(instance(1, 1))
+    setup.close()
+    engine = create_engine(f"sqlite:///{path}", pool_reset_on_return=None)
+    event.listen(
+        engine, "connect", lambda connection, _: setattr(connection, "isolation_level", None)
+    )
+    writer_ = ingest.NewInstanceWriter(engine)
+
+    def lock_is_free() -> bool:
+        other = sqlite3.connect(path, timeout=0, isolation_level=None)
+        try:
+            other.execute("BEGIN IMMEDIATE")
+            other.execute("ROLLBACK")
+            return True
+        except sqlite3.OperationalError:
+            return False
+        finally:
+            other.close()
+
+    try:
+        assert writer_.record(instance(1, 1)) is None  # a repeat
+        assert lock_is_free()
+        with pytest.raises(ValueError, match="naive"):
+            writer_.record(instance(1, 2, at=datetime(2025, 3, 1, 12, 0)))
+        assert lock_is_free()
+        recorded = writer_.record(instance(1, 3))
+        assert recorded is not None and recorded.classifiable_in_series == 2
+    finally:
+        engine.dispose()
+
+
 def test_postgresql_server_down_is_store_unavailable() -> None:
     store = JobStore(f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/none")
     with pytest.raises(StoreUnavailableError):

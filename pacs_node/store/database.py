@@ -28,6 +28,8 @@ SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 POSTGRES_CONNECT_TIMEOUT_SECONDS = 10
 # Execution option read by the SQLite "begin" hook.
 _BEGIN_MODE = "pacs_node_sqlite_begin"
+# How a writer's transaction begins on SQLite: with the write lock.
+WRITER_BEGIN_MODE = "IMMEDIATE"
 
 
 def create_store_engine(url: str) -> Engine:
@@ -57,7 +59,7 @@ def create_store_engine(url: str) -> Engine:
 
 def writer(engine: Engine) -> Engine:
     """The same engine and pool, with transactions that take the write lock at BEGIN."""
-    return engine.execution_options(**{_BEGIN_MODE: "IMMEDIATE"})
+    return engine.execution_options(**{_BEGIN_MODE: WRITER_BEGIN_MODE})
 
 
 def _configure_sqlite_connection(dbapi_connection: Any, _record: Any) -> None:

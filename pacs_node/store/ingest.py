@@ -14,7 +14,8 @@ parameter conversions, on the sqlite3 connection itself. SQLAlchemy's work
 around each statement and transaction was more than half of the row's time
 (0.39 -> 0.22 ms per row alone; ingest 1.10x, README). Anything else, a
 repeat or PostgreSQL (whose connection failures SQLAlchemy must see to replace
-the connection), takes `record_instance`.
+the connection), takes `record_instance`. Being outside SQLAlchemy's execution, these
+writes run no engine events and are not echoed by its logging.
 """
 
 from __future__ import annotations
@@ -28,8 +29,9 @@ from sqlalchemy import Connection, Engine, Insert, bindparam, case, select, upda
 from sqlalchemy.engine import Dialect
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import ReturningInsert, ReturningUpdate
+from sqlalchemy.sql.expression import ClauseElement
 
-from pacs_node.store.database import insert_ignoring_conflicts
+from pacs_node.store.database import WRITER_BEGIN_MODE, insert_ignoring_conflicts
 from pacs_node.store.records import InstanceOutcome, NewInstance, RecordedInstance, SeriesState
 from pacs_node.store.schema import InstanceRow, SeriesRow, UTCDateTime
 
@@ -173,29 +175,38 @@ class NewInstanceWriter:
         self._add_to_series = _DriverStatement(statements.add_to_series, engine.dialect)
 
     def record(self, instance: NewInstance) -> RecordedInstance | None:
-        """Raises sqlite3's own errors (`database.translated_driver_errors` turns them)."""
+        """Raises sqlite3's own errors; `database.translated_driver_errors` turns those
+        that mean "the database is not there" (OperationalError)."""
         values = {field.name: getattr(instance, field.name) for field in fields(instance)}
         pooled = self._engine.raw_connection()
+        cursor = pooled.cursor()
         try:
-            cursor = pooled.driver_connection.cursor()  # type: ignore[union-attr]
             # The writer's transaction: the write lock up front (see database.writer).
-            cursor.execute("BEGIN IMMEDIATE")
-            cursor.execute(*self._create_series.bound(values))
-            if cursor.execute(*self._insert_instance.bound(values)).fetchone() is None:
-                return None  # a repeat: rolled back as the connection goes back
-            (classifiable,) = cursor.execute(
-                *self._add_to_series.bound(
-                    {
-                        "p_series": instance.series_instance_uid,
-                        "p_instances": 1,
-                        "p_classifiable": int(instance.classifiable),
-                        "p_received": instance.received_at,
-                    }
-                )
-            ).fetchone()
-            cursor.execute("COMMIT")
+            cursor.execute(f"BEGIN {WRITER_BEGIN_MODE}")
+            try:
+                cursor.execute(*self._create_series.bound(values))
+                if cursor.execute(*self._insert_instance.bound(values)).fetchone() is None:
+                    pooled.rollback()  # a repeat: nothing written
+                    return None
+                (classifiable,) = cursor.execute(
+                    *self._add_to_series.bound(
+                        {
+                            "p_series": instance.series_instance_uid,
+                            "p_instances": 1,
+                            "p_classifiable": int(instance.classifiable),
+                            "p_received": instance.received_at,
+                        }
+                    )
+                ).fetchone()
+                cursor.execute("COMMIT")
+            except BaseException:
+                # Here, not left to the pool: whether the pool rolls back a connection
+                # in autocommit mode as it takes it back is an engine setting.
+                pooled.rollback()
+                raise
         finally:
-            pooled.close()  # the pool rolls back whatever was not committed
+            cursor.close()
+            pooled.close()
         return RecordedInstance(InstanceOutcome.NEW, classifiable_in_series=classifiable)
 
 
@@ -203,7 +214,7 @@ class _DriverStatement:
     """A Core statement's SQL for one dialect, with its parameters converted as
     SQLAlchemy would convert them (bind processors: UTC datetimes, enums, booleans)."""
 
-    def __init__(self, statement: Any, dialect: Dialect) -> None:
+    def __init__(self, statement: ClauseElement, dialect: Dialect) -> None:
         compiled = statement.compile(dialect=dialect)
         if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None:
             raise ValueError(f"{dialect.name}: expected SQL with positional parameters")
@@ -218,7 +229,8 @@ class _DriverStatement:
 
     def bound(self, values: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
         """The SQL and its positional parameters for `values` (by bind name)."""
-        given = self._compiled.construct_params(values)
+        # Unescaped, as positiontup names them (SQLAlchemy's own execution does the same).
+        given = self._compiled.construct_params(values, escape_names=False)
         assert given is not None  # None only for a compiled DDL statement
         return self._compiled.string, tuple(
             given[name] if process is None else process(given[name])
