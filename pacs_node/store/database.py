@@ -97,21 +97,13 @@ def translated_errors() -> Iterator[None]:
     """
     try:
         yield
-    except (OperationalError, PoolTimeoutError) as exc:
+    # sqlite3's own: ingest.NewInstanceWriter runs on the driver's connection.
+    except (OperationalError, PoolTimeoutError, sqlite3.OperationalError) as exc:
         raise StoreUnavailableError(f"job store unavailable: {_reason(exc)}") from exc
     except DBAPIError as exc:
         if not exc.connection_invalidated:
             raise
         raise StoreUnavailableError(f"job store connection lost: {_reason(exc)}") from exc
-
-
-@contextmanager
-def translated_driver_errors() -> Iterator[None]:
-    """`translated_errors` for sqlite3's own exceptions (see ingest.NewInstanceWriter)."""
-    try:
-        yield
-    except sqlite3.OperationalError as exc:
-        raise StoreUnavailableError(f"job store unavailable: {_reason(exc)}") from exc
 
 
 def _reason(exc: Exception) -> str:

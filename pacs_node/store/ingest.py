@@ -38,18 +38,13 @@ from pacs_node.store.schema import InstanceRow, SeriesRow, UTCDateTime
 
 def record_instance(connection: Connection, instance: NewInstance) -> RecordedInstance:
     statements = _statements(connection.dialect.name)
-    # Not dataclasses.asdict: its deep copy took a third of this function's CPU time.
-    values = {field.name: getattr(instance, field.name) for field in fields(instance)}
+    values = _row_values(instance)
     connection.execute(statements.create_series, values)
     inserted = connection.execute(statements.insert_instance, values).first()
     if inserted is not None:
-        classifiable = _add_to_series(
-            connection,
-            instance.series_instance_uid,
-            1,
-            int(instance.classifiable),
-            instance.received_at,
-        )
+        classifiable = connection.execute(
+            statements.add_to_series, _new_in_series(instance)
+        ).scalar_one()
         return RecordedInstance(InstanceOutcome.NEW, classifiable_in_series=classifiable)
 
     existing = connection.execute(
@@ -141,6 +136,31 @@ def _statements(dialect: str) -> _Statements:
     return _Statements(create_series, insert_instance, add_to_series)
 
 
+def _row_values(instance: NewInstance) -> dict[str, Any]:
+    """The statements' parameters for `instance`, by column name."""
+    # Not dataclasses.asdict: its deep copy took a third of record_instance's CPU time.
+    return {field.name: getattr(instance, field.name) for field in fields(instance)}
+
+
+def _series_change(
+    series_instance_uid: str, instances: int, classifiable: int, received_at: datetime | None
+) -> dict[str, Any]:
+    """add_to_series's parameters."""
+    return {
+        "p_series": series_instance_uid,
+        "p_instances": instances,
+        "p_classifiable": classifiable,
+        "p_received": received_at,
+    }
+
+
+def _new_in_series(instance: NewInstance) -> dict[str, Any]:
+    """add_to_series's parameters for a new instance of the series."""
+    return _series_change(
+        instance.series_instance_uid, 1, int(instance.classifiable), instance.received_at
+    )
+
+
 def _add_to_series(
     connection: Connection,
     series_instance_uid: str,
@@ -151,12 +171,7 @@ def _add_to_series(
     """Change the series' counts; returns its classifiable count after the change."""
     return connection.execute(
         _statements(connection.dialect.name).add_to_series,
-        {
-            "p_series": series_instance_uid,
-            "p_instances": instances,
-            "p_classifiable": classifiable,
-            "p_received": received_at,
-        },
+        _series_change(series_instance_uid, instances, classifiable, received_at),
     ).scalar_one()
 
 
@@ -175,9 +190,9 @@ class NewInstanceWriter:
         self._add_to_series = _DriverStatement(statements.add_to_series, engine.dialect)
 
     def record(self, instance: NewInstance) -> RecordedInstance | None:
-        """Raises sqlite3's own errors; `database.translated_driver_errors` turns those
-        that mean "the database is not there" (OperationalError)."""
-        values = {field.name: getattr(instance, field.name) for field in fields(instance)}
+        """Raises sqlite3's own errors; `database.translated_errors` turns those that
+        mean "the database is not there" (OperationalError)."""
+        values = _row_values(instance)
         pooled = self._engine.raw_connection()
         cursor = pooled.cursor()
         try:
@@ -189,14 +204,7 @@ class NewInstanceWriter:
                     pooled.rollback()  # a repeat: nothing written
                     return None
                 (classifiable,) = cursor.execute(
-                    *self._add_to_series.bound(
-                        {
-                            "p_series": instance.series_instance_uid,
-                            "p_instances": 1,
-                            "p_classifiable": int(instance.classifiable),
-                            "p_received": instance.received_at,
-                        }
-                    )
+                    *self._add_to_series.bound(_new_in_series(instance))
                 ).fetchone()
                 cursor.execute("COMMIT")
             except BaseException:

@@ -17,7 +17,6 @@ from pacs_node.errors import ConfigurationError
 from pacs_node.store import assembly, ingest, jobs, migrate, retention
 from pacs_node.store.database import (
     create_store_engine,
-    translated_driver_errors,
     translated_errors,
     writer,
 )
@@ -89,7 +88,7 @@ class JobStore:
     def record_instance(self, instance: NewInstance) -> RecordedInstance:
         """Store an instance row and update its series; see InstanceOutcome for repeats."""
         if self._new_instances is not None:
-            with translated_errors(), translated_driver_errors():
+            with translated_errors():
                 recorded = self._new_instances.record(instance)
             if recorded is not None:
                 return recorded
