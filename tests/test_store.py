@@ -218,6 +218,19 @@ def sqlite_rows(path: Path, table: str, key: str) -> dict[str, dict[str, Any]]:
         connection.close()
 
 
+def sqlite_write_lock_is_free(path: Path) -> bool:
+    """Whether another connection can take the database's write lock at once."""
+    other = sqlite3.connect(path, timeout=0, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        other.execute("ROLLBACK")
+        return True
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        other.close()
+
+
 def test_sqlite_new_instance_rows_equal_the_core_statements_rows(tmp_path: Path) -> None:
     """A new instance goes through sqlite3 itself on SQLite (ingest.NewInstanceWriter):
     its rows must hold exactly what SQLAlchemy's statements would have written."""
@@ -281,12 +294,7 @@ def test_sqlite_new_instances_skip_sqlalchemy_and_repeats_take_it(tmp_path: Path
     finally:
         event.remove(Engine, "before_cursor_execute", count)
     # The repeat's first try was rolled back: no lock is left held.
-    other = sqlite3.connect(path, timeout=0, isolation_level=None)
-    try:
-        other.execute("BEGIN IMMEDIATE")
-        other.execute("ROLLBACK")
-    finally:
-        other.close()
+    assert sqlite_write_lock_is_free(path)
     assert store.record_instance(instance(1, 2)).outcome is InstanceOutcome.NEW
     series = store.get_series(series_uid(1))
     assert series is not None and (series.instance_count, series.classifiable_count) == (2, 2)
@@ -307,23 +315,12 @@ def test_sqlite_new_instance_writer_ends_its_own_transactions(tmp_path: Path) ->
     )
     writer_ = ingest.NewInstanceWriter(engine)
 
-    def lock_is_free() -> bool:
-        other = sqlite3.connect(path, timeout=0, isolation_level=None)
-        try:
-            other.execute("BEGIN IMMEDIATE")
-            other.execute("ROLLBACK")
-            return True
-        except sqlite3.OperationalError:
-            return False
-        finally:
-            other.close()
-
     try:
         assert writer_.record(instance(1, 1)) is None  # a repeat
-        assert lock_is_free()
+        assert sqlite_write_lock_is_free(path)
         with pytest.raises(ValueError, match="naive"):
             writer_.record(instance(1, 2, at=datetime(2025, 3, 1, 12, 0)))
-        assert lock_is_free()
+        assert sqlite_write_lock_is_free(path)
         recorded = writer_.record(instance(1, 3))
         assert recorded is not None and recorded.classifiable_in_series == 2
     finally:
