@@ -10,6 +10,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
+import torch.nn.functional as functional
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from pydicom.pixels.utils import pixel_array
@@ -22,7 +23,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from models import jpeg_lossless, onnx_network, preprocessing
+from models import jpeg_lossless, onnx_network, preprocessing, resample
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
@@ -232,6 +233,69 @@ def test_data_a_table_cannot_map_takes_the_reference_path(
     two_frames.Rows, two_frames.NumberOfFrames = 16, 2
     with pytest.raises(ValueError, match="expected one 2-D frame"):
         unit_from_dataset(two_frames, -600.0, 1200.0)
+
+
+RESIZES = [
+    ((512, 512), 160),
+    ((512, 512), 224),
+    ((333, 512), 160),
+    ((100, 120), 160),
+    ((7, 1000), 5),
+]
+
+
+def _torch_resize(image: np.ndarray, size: int, dtype: torch.dtype) -> np.ndarray:
+    """torch's antialiased bilinear resize, the one the pipeline used before `resample`."""
+    tensor = torch.from_numpy(image).to(dtype)[None, None]
+    resized = functional.interpolate(
+        tensor, size=(size, size), mode="bilinear", align_corners=False, antialias=True
+    )
+    return resized[0, 0].numpy()
+
+
+@pytest.mark.parametrize(("in_size", "out_size"), [(512, 160), (512, 224), (100, 160), (1000, 7)])
+def test_the_resize_weights_are_torchs(in_size: int, out_size: int) -> None:
+    starts, lengths, weights = resample.taps(in_size, out_size)
+    ours = np.zeros((out_size, in_size))
+    for index, (start, length) in enumerate(zip(starts, lengths, strict=True)):
+        ours[index, start : start + length] = weights[index, :length]
+    # Row j of the identity is an impulse at input pixel j: resized across, it gives
+    # the weight of pixel j in every output pixel.
+    impulses = torch.eye(in_size, dtype=torch.float64)[None, None]
+    torchs = functional.interpolate(
+        impulses, size=(in_size, out_size), mode="bilinear", align_corners=False, antialias=True
+    )[0, 0].numpy()
+    assert np.abs(ours - torchs.T).max() < 1e-7
+
+
+@pytest.mark.parametrize(("shape", "size"), RESIZES)
+def test_the_resize_is_within_float32_rounding_of_the_exact_one(
+    shape: tuple[int, int], size: int
+) -> None:
+    image = np.random.default_rng(0).random(shape, dtype=np.float32)
+    resized = resample.normalised(image, size, (0.0,), (1.0,))[0]
+    # torch in float64 is exact to ~1e-15 here; torch in float32 strays from it by
+    # up to ~1e-5 (512 -> 224), 50 times further than these loops.
+    assert np.abs(resized - _torch_resize(image, size, torch.float64)).max() < 5e-7
+    assert np.abs(resized - _torch_resize(image, size, torch.float32)).max() < 2e-5
+
+
+def test_an_image_of_the_input_size_is_only_normalised_bit_for_bit() -> None:
+    image = np.random.default_rng(1).random((32, 32), dtype=np.float32)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    channels = resample.normalised(image, 32, mean, std)
+    for channel, (m, s) in enumerate(zip(mean, std, strict=True)):
+        assert np.array_equal(channels[channel], (image - np.float32(m)) / np.float32(s))
+
+
+def test_the_lookup_is_numpys_take_and_checks_its_table() -> None:
+    words = np.random.default_rng(2).integers(0, 2**16, (64, 48), dtype=np.uint16)
+    table = np.random.default_rng(3).random(2**16, dtype=np.float32)
+    assert np.array_equal(resample.lookup(words, table), np.take(table, words))
+    # Not contiguous: the words are copied first, not read past their rows.
+    assert np.array_equal(resample.lookup(words[:, ::2], table), np.take(table, words[:, ::2]))
+    with pytest.raises(ValueError, match="float32 table of 65536"):
+        resample.lookup(words, table[:4096])
 
 
 @pytest.mark.parametrize("signed", [False, True])
