@@ -19,13 +19,14 @@ by up to 1e-5 (512 -> 224; tests/test_models.py checks both).
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
-from typing import NamedTuple
+from typing import NamedTuple, TypeVar, cast
 
 import numba
 import numpy as np
 from numba import types
+from numba.core.typing.templates import Signature
 
 __all__ = ["Taps", "lookup", "normalised", "taps"]
 
@@ -68,9 +69,9 @@ def taps(in_size: int, out_size: int) -> Taps:
     return Taps(starts, lengths, weights)
 
 
-# The loops' one signature each, compiled when this module is imported (~1 s, or
-# ~0.2 s from numba's cache next to this file): the decode threads never wait
-# for a compilation. Inputs may be read-only (pixel data in place in a dataset).
+# The loops' one signature each, compiled when this module is imported: the decode
+# threads never wait for a compilation. Inputs may be read-only (pixel data in place
+# in a dataset).
 def _array(dtype: types.Type, dimensions: int, readonly: bool = True) -> types.Array:
     return types.Array(dtype, dimensions, "C", readonly=readonly)
 
@@ -80,8 +81,28 @@ _VALUES, _INDICES = _array(types.float32, 1), _array(types.int64, 1)
 _OUT_2D, _OUT_3D = _array(types.float32, 2, False), _array(types.float32, 3, False)
 _TAPS = (_INDICES, _INDICES, _IMAGE)  # starts, lengths, weights
 
+_Loop = TypeVar("_Loop", bound=Callable[..., None])
 
-@numba.njit(types.void(_WORDS, _VALUES, _OUT_2D), nogil=True, cache=True)
+
+def _compiled(signature: Signature) -> Callable[[_Loop], _Loop]:
+    """Compile with `signature`, without the GIL; kept in numba's cache (~0.2 s to
+    load instead of ~1 s to compile) beside this file or else in the user's cache
+    directory. Where neither can be written (a read-only install run by a user
+    without a home), compiled at every start instead."""
+
+    def compile_loop(loop: _Loop) -> _Loop:
+        try:
+            compiled = numba.njit(signature, nogil=True, error_model="numpy", cache=True)(loop)
+        except RuntimeError as error:
+            if "no locator available" not in str(error):
+                raise
+            compiled = numba.njit(signature, nogil=True, error_model="numpy")(loop)
+        return cast(_Loop, compiled)
+
+    return compile_loop
+
+
+@_compiled(types.void(_WORDS, _VALUES, _OUT_2D))
 def _lookup(words: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
     rows, columns = words.shape
     for row in range(rows):
@@ -89,12 +110,7 @@ def _lookup(words: np.ndarray, table: np.ndarray, out: np.ndarray) -> None:
             out[row, column] = table[words[row, column]]
 
 
-@numba.njit(
-    types.void(_IMAGE, *_TAPS, *_TAPS, _VALUES, _VALUES, _OUT_3D),
-    nogil=True,
-    cache=True,
-    error_model="numpy",
-)
+@_compiled(types.void(_IMAGE, *_TAPS, *_TAPS, _VALUES, _VALUES, _OUT_3D))
 def _resize_normalise(
     image: np.ndarray,
     row_starts: np.ndarray,

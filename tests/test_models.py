@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -296,6 +300,35 @@ def test_the_lookup_is_numpys_take_and_checks_its_table() -> None:
     assert np.array_equal(resample.lookup(words[:, ::2], table), np.take(table, words[:, ::2]))
     with pytest.raises(ValueError, match="float32 table of 65536"):
         resample.lookup(words, table[:4096])
+
+
+def test_the_loops_compile_where_no_cache_can_be_written(tmp_path: Path) -> None:
+    """A read-only install run by a user without a writable home still decodes."""
+    install = tmp_path / "install"
+    install.mkdir()
+    shutil.copy(Path(resample.__file__), install / "resample.py")
+    (install / "__pycache__").write_text("not a folder")  # numba cannot cache beside it
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")  # nor in the user's cache directory
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")}
+    environment.update(HOME=str(blocked / "home"), XDG_CACHE_HOME=str(blocked / "cache"))
+    check = (
+        "import numpy as np, resample; "
+        "table = np.arange(2**16, dtype=np.float32); "
+        "words = np.array([[0, 7], [9, 65535]], dtype=np.uint16); "
+        "assert (resample.lookup(words, table) == words).all(); "
+        "assert resample.normalised(table[:4].reshape(2, 2), 1, (0.0,), (1.0,)).shape == (1, 1, 1)"
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", check],
+        cwd=install,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert sorted(path.name for path in install.iterdir()) == ["__pycache__", "resample.py"]
 
 
 @pytest.mark.parametrize("signed", [False, True])
