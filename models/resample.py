@@ -2,22 +2,25 @@
 
 Every slice the node classifies goes through here, on the infer stage's decode
 threads, and so does every training image. Of the ~0.48 ms it took to decode a
-real 512x512 slice, torch's `interpolate(mode="bilinear", antialias=True)` took
-0.27 ms and numpy's `take` of the window table 0.17 ms; these loops take ~0.08
-and ~0.2 ms, the whole decoding ~0.27 ms (60 real slices, best of 5), and they
-run without the GIL, so the decode threads take less of the cores that the
-forward pass runs on.
+real 512x512 slice, numpy's `take` of the window table took 0.17 ms and torch's
+`interpolate(mode="bilinear", antialias=True)` with the normalisation 0.29 ms;
+here the lookup takes ~0.08 ms and the resize with the normalisation ~0.2 ms,
+the whole decoding ~0.27 ms (60 real slices, best of 5), and the loops run
+without the GIL, so the decode threads take less of the cores that the forward
+pass runs on.
 
 The resize is torch's antialiased bilinear one, separable: each output pixel is
 a normalised triangle filter as wide as the scale, over the input pixels whose
 centres it covers (PyTorch's `_compute_weights_aa`, `align_corners=False`). The
-weights equal torch's to 1e-7. The sums are nearer the exact result than
-torch's own in float32: within 1.5e-7 of the [0, 1] range, where torch's stray
-by up to 1e-5 (512 -> 224; tests/test_models.py checks both).
+weights equal torch's to 1e-7. The sums, in float32, are within 4e-7 of the
+exact resize (torch in float64) on every shape tried, ~1.5e-7 at a slice's
+sizes, where torch's own float32 resize strays by up to 1e-5 (512 -> 224;
+tests/test_models.py checks both).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -29,6 +32,8 @@ from numba import types
 from numba.core.typing.templates import Signature
 
 __all__ = ["Taps", "lookup", "normalised", "taps"]
+
+log = logging.getLogger(__name__)
 
 TABLE_SIZE = 2**16  # one float32 entry per 16-bit stored word
 
@@ -48,7 +53,7 @@ def taps(in_size: int, out_size: int) -> Taps:
         raise ValueError(f"cannot resize {in_size} pixels to {out_size}")
     if in_size == out_size:  # a copy: one tap of weight 1, bit for bit
         ones = np.ones((out_size, 1), dtype=np.float32)
-        return Taps(np.arange(out_size), np.ones(out_size, dtype=np.int64), ones)
+        return _shared(np.arange(out_size, dtype=np.int64), np.ones(out_size, np.int64), ones)
     scale = in_size / out_size
     # Shrinking widens the filter to the scale, so every input pixel counts;
     # enlarging keeps it one pixel wide (plain bilinear).
@@ -66,6 +71,14 @@ def taps(in_size: int, out_size: int) -> Taps:
         row = np.clip(1.0 - np.abs(distance), 0.0, None)
         starts[index], lengths[index] = start, stop - start
         weights[index, : stop - start] = row / row.sum()
+    return _shared(starts, lengths, weights)
+
+
+def _shared(starts: np.ndarray, lengths: np.ndarray, weights: np.ndarray) -> Taps:
+    """Read-only: every caller gets the same cached arrays, and the loops check no
+    bounds, so a changed length would read past the image."""
+    for array in (starts, lengths, weights):
+        array.flags.writeable = False
     return Taps(starts, lengths, weights)
 
 
@@ -87,15 +100,19 @@ _Loop = TypeVar("_Loop", bound=Callable[..., None])
 def _compiled(signature: Signature) -> Callable[[_Loop], _Loop]:
     """Compile with `signature`, without the GIL; kept in numba's cache (~0.2 s to
     load instead of ~1 s to compile) beside this file or else in the user's cache
-    directory. Where neither can be written (a read-only install run by a user
-    without a home), compiled at every start instead."""
+    directory. A cache that cannot be used (none writable, as for a read-only
+    install run by a user without a home; a damaged file; a full disk) only costs
+    the compilation, at every start: the loop is compiled again without it, and a
+    real compilation error is raised from there."""
 
     def compile_loop(loop: _Loop) -> _Loop:
         try:
             compiled = numba.njit(signature, nogil=True, error_model="numpy", cache=True)(loop)
-        except RuntimeError as error:
-            if "no locator available" not in str(error):
-                raise
+        except Exception as error:  # numba's cache raises whatever its files give
+            log.warning(
+                "numba cache not usable, compiling without it",
+                extra={"reason": f"{type(error).__name__}: {error}"},
+            )
             compiled = numba.njit(signature, nogil=True, error_model="numpy")(loop)
         return cast(_Loop, compiled)
 
@@ -146,10 +163,11 @@ def _resize_normalise(
 def lookup(words: np.ndarray, table: np.ndarray) -> np.ndarray:
     """`table[words]` for 16-bit words and a table of every 16-bit word (float32)."""
     if table.shape != (TABLE_SIZE,) or table.dtype != np.float32:
-        raise ValueError(f"expected a float32 table of {TABLE_SIZE} entries")
-    if words.ndim != 2:
-        raise ValueError(f"expected a 2-D image, got shape {words.shape}")
+        raise ValueError(f"expected a native float32 table of {TABLE_SIZE} entries")
+    if words.ndim != 2 or words.dtype.kind != "u" or words.dtype.itemsize != 2:
+        raise ValueError(f"expected 2-D 16-bit unsigned words, got {words.dtype} {words.shape}")
     words = np.ascontiguousarray(words, dtype=np.uint16)
+    table = np.ascontiguousarray(table)
     out = np.empty(words.shape, dtype=np.float32)
     _lookup(words, table, out)
     return out

@@ -292,7 +292,7 @@ def test_an_image_of_the_input_size_is_only_normalised_bit_for_bit() -> None:
         assert np.array_equal(channels[channel], (image - np.float32(m)) / np.float32(s))
 
 
-def test_the_lookup_is_numpys_take_and_checks_its_table() -> None:
+def test_the_lookup_is_numpys_take_and_checks_its_inputs() -> None:
     words = np.random.default_rng(2).integers(0, 2**16, (64, 48), dtype=np.uint16)
     table = np.random.default_rng(3).random(2**16, dtype=np.float32)
     assert np.array_equal(resample.lookup(words, table), np.take(table, words))
@@ -300,18 +300,20 @@ def test_the_lookup_is_numpys_take_and_checks_its_table() -> None:
     assert np.array_equal(resample.lookup(words[:, ::2], table), np.take(table, words[:, ::2]))
     with pytest.raises(ValueError, match="float32 table of 65536"):
         resample.lookup(words, table[:4096])
+    # Wider words would index past the table: refused, not wrapped.
+    with pytest.raises(ValueError, match="16-bit unsigned words"):
+        resample.lookup(words.astype(np.int32), table)
 
 
-def test_the_loops_compile_where_no_cache_can_be_written(tmp_path: Path) -> None:
-    """A read-only install run by a user without a writable home still decodes."""
-    install = tmp_path / "install"
-    install.mkdir()
-    shutil.copy(Path(resample.__file__), install / "resample.py")
-    (install / "__pycache__").write_text("not a folder")  # numba cannot cache beside it
-    blocked = tmp_path / "blocked"
-    blocked.write_text("not a folder")  # nor in the user's cache directory
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")}
-    environment.update(HOME=str(blocked / "home"), XDG_CACHE_HOME=str(blocked / "cache"))
+def test_the_cached_taps_cannot_be_changed() -> None:
+    # Every caller shares them, and the loops check no bounds.
+    for array in resample.taps(512, 160):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 10**6
+
+
+def _import_and_decode(install: Path, environment: dict[str, str]) -> str:
+    """Import `install`/resample.py in a new interpreter, decode with it; its stderr."""
     check = (
         "import numpy as np, resample; "
         "table = np.arange(2**16, dtype=np.float32); "
@@ -328,7 +330,37 @@ def test_the_loops_compile_where_no_cache_can_be_written(tmp_path: Path) -> None
         timeout=120,
     )
     assert completed.returncode == 0, completed.stderr
+    return completed.stderr
+
+
+def _installed_copy(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    install = tmp_path / "install"
+    install.mkdir()
+    shutil.copy(Path(resample.__file__), install / "resample.py")
+    environment = {key: value for key, value in os.environ.items() if not key.startswith("NUMBA_")}
+    environment["XDG_CACHE_HOME"] = str(tmp_path / "cache")
+    return install, environment
+
+
+def test_the_loops_compile_where_no_cache_can_be_written(tmp_path: Path) -> None:
+    """A read-only install run by a user without a writable home still decodes."""
+    install, environment = _installed_copy(tmp_path)
+    (install / "__pycache__").write_text("not a folder")  # numba cannot cache beside it
+    blocked = tmp_path / "blocked"
+    blocked.write_text("not a folder")  # nor in the user's cache directory
+    environment.update(HOME=str(blocked / "home"), XDG_CACHE_HOME=str(blocked / "cache"))
+    assert "numba cache not usable" in _import_and_decode(install, environment)
     assert sorted(path.name for path in install.iterdir()) == ["__pycache__", "resample.py"]
+
+
+def test_a_damaged_cache_only_costs_the_compilation(tmp_path: Path) -> None:
+    install, environment = _installed_copy(tmp_path)
+    assert "numba cache" not in _import_and_decode(install, environment)
+    indexes = list((install / "__pycache__").glob("resample.*.nbi"))
+    assert len(indexes) == 2  # one per loop: the first import filled the cache
+    for index in indexes:
+        index.write_bytes(b"damaged")
+    assert "numba cache not usable" in _import_and_decode(install, environment)
 
 
 @pytest.mark.parametrize("signed", [False, True])
