@@ -5,15 +5,20 @@ pydicom's own plugins for these transfer syntaxes took, per 512x512 12-bit CT sl
 (pylibjpeg-libjpeg); libjpeg-turbo 1.3 ms, with the same values on all 30 chest slices.
 pydicom still checks and corrects (unused bits, sign) what the plugin returns. Without
 imagecodecs, or for a stream libjpeg-turbo refuses, pydicom's plugins decode as before.
+
+`frame_words` decodes the one frame of a file whose layout the receiver recorded,
+without parsing the file: the window table then does pydicom's corrections.
 """
 
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset
+from pydicom.encaps import get_frame
 from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
 
 LABEL = "imagecodecs"
@@ -47,3 +52,24 @@ def pixel_array(dataset: Dataset) -> np.ndarray:
         except Exception:  # the other plugins may still read it
             dataset.pixel_array_options(decoding_plugin="")
     return dataset.pixel_array
+
+
+def frame_words(path: Path, offset: int, rows: int, columns: int) -> np.ndarray | None:
+    """The stored words of the one JPEG Lossless frame encapsulated at `offset` in the
+    file at `path` (the first item of its pixel data); None where libjpeg-turbo is
+    missing, refuses the stream or decodes other than `rows` x `columns` 16-bit words:
+    parsing the file then decodes it, or says why not, as for any other slice."""
+    if not is_available(uid.JPEGLosslessSV1):
+        return None
+    import imagecodecs
+
+    with path.open("rb") as file:
+        file.seek(offset)
+        frame = get_frame(file, 0, number_of_frames=1)
+    try:
+        words: np.ndarray = imagecodecs.jpeg8_decode(frame)
+    except imagecodecs.Jpeg8Error:
+        return None
+    if words.shape != (rows, columns) or words.dtype != np.uint16:
+        return None
+    return words

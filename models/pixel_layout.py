@@ -1,4 +1,5 @@
-"""Where a slice's uncompressed 16-bit words lie, read off a header parsed once.
+"""Where a slice's 16-bit words lie, read off a header parsed once: uncompressed
+in place, or as one encapsulated JPEG Lossless frame.
 
 Kept free of torch: the receiving process, which has parsed every instance it
 stores, records each classifiable instance's layout without loading the model's
@@ -15,7 +16,18 @@ from typing import NamedTuple
 
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import (
+    ExplicitVRLittleEndian,
+    ImplicitVRLittleEndian,
+    JPEGLossless,
+    JPEGLosslessSV1,
+)
+
+# What a layout's words are: in place, or one JPEG Lossless frame whose encapsulated
+# items begin at the offset (decoded by `models.jpeg_lossless.frame_words`).
+NATIVE = "native"
+JPEG_LOSSLESS = "jpeg-lossless"
+_UNDEFINED_LENGTH = 0xFFFFFFFF  # encapsulated pixel data
 
 
 class TableKey(NamedTuple):
@@ -56,14 +68,17 @@ def table_key(dataset: Dataset, center: float, width: float) -> TableKey | None:
 
 @dataclass(frozen=True)
 class PixelLayout:
-    """Where a slice's uncompressed 16-bit words lie in its file, and how to read them."""
+    """Where a slice's 16-bit words lie in its file, and how to read them."""
 
-    offset: int  # of the first word, in bytes from the start of the file
+    # In bytes from the start of the file: of the first word (NATIVE), or of the
+    # first item of the encapsulated pixel data (JPEG_LOSSLESS).
+    offset: int
     rows: int
     columns: int
     signed: bool
     bits_stored: int
     rescale: tuple[float, float] | None  # (slope, intercept); None: none
+    encoding: str = NATIVE  # rows written before JPEG layouts lack it
 
     def to_text(self) -> str:
         return json.dumps(asdict(self), separators=(",", ":"))
@@ -75,37 +90,59 @@ class PixelLayout:
         return cls(**values, rescale=None if rescale is None else tuple(rescale))
 
 
-def words_in_place(dataset: Dataset, length: int) -> tuple[int, int] | None:
-    """(rows, columns) when the `length` bytes of pixel data are one frame of
-    little-endian monochrome words that can be read as they lie; None otherwise."""
+def _one_monochrome_frame(dataset: Dataset) -> tuple[int, int] | None:
+    """(rows, columns) of a single-frame monochrome image; None otherwise."""
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
     if (
-        getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
-        in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
-        and dataset.get("NumberOfFrames", 1) in (1, None)
+        dataset.get("NumberOfFrames", 1) in (1, None)
         and dataset.get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
         and isinstance(rows, int)
         and isinstance(columns, int)
-        and length >= 2 * rows * columns > 0
+        and rows > 0
+        and columns > 0
     ):
         return rows, columns
+    return None
+
+
+def _transfer_syntax(dataset: Dataset) -> str | None:
+    syntax: str | None = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    return syntax
+
+
+def words_in_place(dataset: Dataset, length: int) -> tuple[int, int] | None:
+    """(rows, columns) when the `length` bytes of pixel data are one frame of
+    little-endian monochrome words that can be read as they lie; None otherwise."""
+    shape = _one_monochrome_frame(dataset)
+    if (
+        shape is not None
+        and _transfer_syntax(dataset) in (ExplicitVRLittleEndian, ImplicitVRLittleEndian)
+        and length >= 2 * shape[0] * shape[1]
+    ):
+        return shape
     return None
 
 
 def pixel_layout(dataset: Dataset) -> PixelLayout | None:
     """The layout of a dataset read from a file with its pixel data deferred or raw.
 
-    None where `tensor_from_dataset` would not read the words in place and map
-    them through the table: compressed or big-endian data, several frames,
-    colour, other sizes, a Modality LUT Sequence.
+    None where `tensor_from_dataset` would not map 16-bit words through the table,
+    or where they are neither in place nor one JPEG Lossless frame: other
+    compressions, big-endian data, several frames, colour, other sizes, a
+    Modality LUT Sequence.
     """
     # Only the key's word mapping is kept; the window comes from the manifest when read.
     key = table_key(dataset, center=0.0, width=1.0)
     element = dataset.get_item("PixelData", keep_deferred=True)
     if key is None or not isinstance(element, RawDataElement):
         return None
-    shape = words_in_place(dataset, element.length)
+    encoding, shape = NATIVE, words_in_place(dataset, element.length)
+    if shape is None and element.length == _UNDEFINED_LENGTH:
+        encapsulated = _transfer_syntax(dataset) in (JPEGLossless, JPEGLosslessSV1)
+        encoding, shape = JPEG_LOSSLESS, _one_monochrome_frame(dataset) if encapsulated else None
     if shape is None:
         return None
     rows, columns = shape
-    return PixelLayout(element.value_tell, rows, columns, key.signed, key.bits_stored, key.rescale)
+    return PixelLayout(
+        element.value_tell, rows, columns, key.signed, key.bits_stored, key.rescale, encoding
+    )

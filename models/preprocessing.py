@@ -13,10 +13,12 @@ ms of pixel decoding, rescale and window per 512x512 slice). The lookup, the
 resize and the normalisation run as compiled loops (`models.resample`).
 
 A `PixelLayout`, taken from a header already parsed (the node's receiver has
-parsed every instance it stored), says where a slice's uncompressed words lie
-in its file and what the table needs, so that the infer stage can read the
-words without parsing the file again: 0.48 instead of 1.08 ms per slice, with
-the same input bit for bit (`tensor_from_layout`).
+parsed every instance it stored), says where a slice's words lie in its file
+(uncompressed in place, or one encapsulated JPEG Lossless frame) and what the
+table needs, so that the infer stage can read them without parsing the file
+again, with the same input bit for bit (`tensor_from_layout`): a real 512x512
+slice decodes in 0.27 ms instead of 0.85 parsed, or in 1.57 instead of 2.31 ms
+as JPEG Lossless (30 slices, best of 5).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import torch
 from pydicom.dataset import Dataset
 from pydicom.pixels.processing import apply_modality_lut
@@ -31,6 +34,7 @@ from pydicom.pixels.processing import apply_modality_lut
 from models import jpeg_lossless, resample
 from models.manifest import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from models.pixel_layout import (
+    JPEG_LOSSLESS,
     PixelLayout,
     TableKey,
     pixel_layout,
@@ -116,10 +120,16 @@ def tensor_from_layout(
     path: Path, layout: PixelLayout, preprocessing: Preprocessing
 ) -> torch.Tensor:
     """`tensor_from_dataset` of the file at `path`, read through its layout."""
-    count = layout.rows * layout.columns
-    words = np.fromfile(path, dtype="<u2", count=count, offset=layout.offset)
-    if words.size != count:
-        raise ValueError(f"{path.name} ends before its {count} stored words")
+    if layout.encoding == JPEG_LOSSLESS:
+        words = jpeg_lossless.frame_words(path, layout.offset, layout.rows, layout.columns)
+        if words is None:
+            return tensor_from_dataset(pydicom.dcmread(path), preprocessing)
+    else:
+        count = layout.rows * layout.columns
+        words = np.fromfile(path, dtype="<u2", count=count, offset=layout.offset)
+        if words.size != count:
+            raise ValueError(f"{path.name} ends before its {count} stored words")
+        words = words.reshape(layout.rows, layout.columns)
     key = TableKey(
         layout.signed,
         layout.bits_stored,
@@ -127,8 +137,7 @@ def tensor_from_layout(
         preprocessing.window_center,
         preprocessing.window_width,
     )
-    unit = resample.lookup(words.reshape(layout.rows, layout.columns), _window_table(key))
-    return tensor_from_unit(unit, preprocessing)
+    return tensor_from_unit(resample.lookup(words, _window_table(key)), preprocessing)
 
 
 # A few tables of 256 KB: a series shares one, a node sees few rescale settings.

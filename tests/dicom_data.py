@@ -6,10 +6,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import imagecodecs
+import numpy as np
 import pydicom
 import torch
 from pydicom.dataset import Dataset
-from pydicom.uid import UID, generate_uid
+from pydicom.encaps import encapsulate
+from pydicom.uid import UID, JPEGLosslessSV1, generate_uid
 
 from models.artifact import Aggregation, save_artifact
 from models.network import build_mobilenet_v2
@@ -96,3 +99,21 @@ def stored_slice(path: Path) -> StoredSlice:
         header.InstanceNumber,
     )
     return StoredSlice(path, pixel_layout(header), reference)
+
+
+def made_jpeg_lossless(dataset: Dataset, fragments: int = 1) -> Dataset:
+    """`dataset` (one frame of 16-bit words) with its pixel data made JPEG Lossless SV1
+    by libjpeg-turbo, in `fragments` fragments: as DICOM stores it, the stream holds
+    the low BitsStored bits of each word."""
+    stored = int(dataset.BitsStored)
+    words = np.frombuffer(dataset.PixelData, dtype="<u2").reshape(dataset.Rows, dataset.Columns)
+    stream = bytes(
+        imagecodecs.jpeg8_encode(
+            words & (2**stored - 1), lossless=True, bitspersample=stored, predictor=1
+        )
+    )
+    dataset.PixelData = encapsulate([stream], fragments_per_frame=fragments)
+    dataset["PixelData"].VR = "OB"
+    dataset["PixelData"].is_undefined_length = True  # as encapsulated data must be
+    dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    return dataset

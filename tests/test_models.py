@@ -16,14 +16,13 @@ import pytest
 import torch
 import torch.nn.functional as functional
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate
+from pydicom.encaps import get_frame
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
-    JPEGLosslessSV1,
     RLELossless,
 )
 
@@ -31,6 +30,7 @@ from models import jpeg_lossless, onnx_network, preprocessing, resample
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
+from models.pixel_layout import JPEG_LOSSLESS, NATIVE
 from models.predictor import SlicePredictor
 from models.preprocessing import (
     PixelLayout,
@@ -42,7 +42,7 @@ from models.preprocessing import (
     unit_from_dataset,
     window,
 )
-from tests.dicom_data import tiny_artifact
+from tests.dicom_data import made_jpeg_lossless, tiny_artifact
 from tests.peers import chest_ct
 
 CLASSES = ("benign", "malignant", "normal")
@@ -175,6 +175,56 @@ def test_a_slice_read_through_its_layout_gives_the_same_input_bit_for_bit(
     assert PixelLayout.from_text(layout.to_text()) == layout
     expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
     assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+
+
+@pytest.mark.parametrize(("signed", "bits_stored", "rescale"), TABLE_CASES)
+@pytest.mark.parametrize("fragments", [1, 3])
+def test_a_jpeg_lossless_slice_read_through_its_layout_gives_the_same_input_bit_for_bit(
+    signed: bool,
+    bits_stored: int,
+    rescale: tuple[float, float] | None,
+    fragments: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    dataset = made_jpeg_lossless(_slice(signed, bits_stored, rescale), fragments)
+    path = _saved(dataset, tmp_path / "slice.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+    assert layout.encoding == JPEG_LOSSLESS
+    assert PixelLayout.from_text(layout.to_text()) == layout
+    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+
+    def not_parsed(*args: object, **kwargs: object) -> Dataset:
+        raise AssertionError("the file was parsed")
+
+    monkeypatch.setattr(pydicom, "dcmread", not_parsed)
+    assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+
+
+def test_a_jpeg_stream_libjpeg_turbo_refuses_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    imagecodecs = pytest.importorskip("imagecodecs")
+    path = _saved(made_jpeg_lossless(_slice(True, 12, (1.0, -1024.0))), tmp_path / "slice.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+
+    def refused(src: bytes) -> np.ndarray:
+        raise imagecodecs.Jpeg8Error("refused")
+
+    # pydicom's other plugins (GDCM) then decode it, as for a file without a layout.
+    monkeypatch.setattr(imagecodecs, "jpeg8_decode", refused)
+    assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+
+
+def test_a_layout_written_before_jpeg_layouts_reads_as_words_in_place() -> None:
+    text = '{"offset":3008,"rows":512,"columns":512,"signed":false,"bits_stored":12,'
+    text += '"rescale":[1.0,-1024.0]}'
+    layout = PixelLayout.from_text(text)
+    assert layout.encoding == NATIVE
+    assert layout == PixelLayout(3008, 512, 512, False, 12, (1.0, -1024.0))
 
 
 def test_the_real_chest_slices_read_through_their_layout_give_the_same_input() -> None:
@@ -368,13 +418,9 @@ def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_gdcm(
     signed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     imagecodecs = pytest.importorskip("imagecodecs")
-    dataset = _slice(signed, 12, (1.0, -1024.0))
     # A 12-bit stream as DICOM stores signed values: the low 12 bits of each word.
-    words = np.frombuffer(dataset.PixelData, dtype="<u2").reshape(32, 32) & 0x0FFF
-    stream = imagecodecs.jpeg8_encode(words, lossless=True, bitspersample=12, predictor=1)
-    dataset.PixelData = encapsulate([stream])
-    dataset["PixelData"].VR = "OB"
-    dataset.file_meta.TransferSyntaxUID = JPEGLosslessSV1
+    dataset = made_jpeg_lossless(_slice(signed, 12, (1.0, -1024.0)))
+    stream = get_frame(dataset.PixelData, 0, number_of_frames=1)
     by_gdcm = pixel_array(dataset, decoding_plugin="gdcm")
     decoded = []
     decode = imagecodecs.jpeg8_decode

@@ -15,12 +15,13 @@ import pytest
 import torch
 from pydicom.uid import RLELossless
 
+from models.pixel_layout import JPEG_LOSSLESS, NATIVE
 from models.preprocessing import PixelLayout, Preprocessing, tensor_from_dataset, tensor_from_layout
 from pacs_node.config import DicomSettings, IntakeSettings
 from pacs_node.receiver import Receiver
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore
-from tests.dicom_data import renamed_series
+from tests.dicom_data import made_jpeg_lossless, renamed_series
 from tests.peers import chest_ct, free_port
 from tests.polling import wait_for
 from tests.scu import associate, store_statuses
@@ -118,24 +119,27 @@ def test_each_association_has_its_next_file_made_ahead_and_removed_when_it_close
     wait_for(lambda: not list(storage.incoming.iterdir()), 10, "incoming/ empty after the release")
 
 
-def test_the_row_keeps_where_an_uncompressed_slices_words_lie(
+def test_the_row_keeps_where_a_slices_words_lie_in_place_or_as_a_jpeg_lossless_frame(
     tmp_path: Path, node: tuple[Receiver, JobStore, Storage]
 ) -> None:
     receiver, store, storage = node
-    plain, compressed = (
-        pydicom.dcmread(path) for path in renamed_series(chest_ct(), tmp_path / "s", count=2)
+    plain, jpeg, rle = (
+        pydicom.dcmread(path) for path in renamed_series(chest_ct(), tmp_path / "s", count=3)
     )
-    compressed.compress(RLELossless, compressed.pixel_array)
-    assert store_statuses(receiver.port, plain, compressed) == [0, 0]
+    made_jpeg_lossless(jpeg, fragments=2)
+    rle.compress(RLELossless, rle.pixel_array)
+    assert store_statuses(receiver.port, plain, jpeg, rle) == [0, 0, 0]
     rows = {row.sop_instance_uid: row for row in store.series_instances(plain.SeriesInstanceUID)}
-    assert rows[compressed.SOPInstanceUID].pixel_layout is None  # the infer stage parses it
-    text = rows[plain.SOPInstanceUID].pixel_layout
-    assert text is not None
-    path = storage.absolute(rows[plain.SOPInstanceUID].path)
+    assert rows[rle.SOPInstanceUID].pixel_layout is None  # the infer stage parses it
     preprocessing = Preprocessing(window_center=70, window_width=30, input_size=160)
-    layout = PixelLayout.from_text(text)
-    expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
-    assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected)
+    for dataset, encoding in ((plain, NATIVE), (jpeg, JPEG_LOSSLESS)):
+        text = rows[dataset.SOPInstanceUID].pixel_layout
+        assert text is not None
+        layout = PixelLayout.from_text(text)
+        assert layout.encoding == encoding
+        path = storage.absolute(rows[dataset.SOPInstanceUID].path)
+        expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
+        assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected)
 
 
 def test_a_file_that_cannot_be_synced_is_refused_and_removed(

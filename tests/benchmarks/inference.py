@@ -7,9 +7,10 @@
 The stage: read each file, decode (uncompressed, or JPEG Lossless made with
 DCMTK's dcmcjpeg), preprocess, forward, aggregate, build the SR and write it
 durably, once per number of decode threads asked for. The slices come as the
-infer stage gets them from the job store: uncompressed words are read through
-the layout the receiver recorded, without parsing; "uncompressed, parsed" reads
-the same files with pydicom, as `pacs-node classify` does. The model-only
+infer stage gets them from the job store: read through the layout the receiver
+recorded, without parsing (uncompressed words in place, the JPEG Lossless frame
+from its items); "uncompressed, parsed" reads the same files with pydicom, as
+`pacs-node classify` does. The model-only
 reference: the node's own forward pass (SlicePredictor) on the same slices
 already turned into tensors, same batch size, same device, same process.
 The table also shows the other ways to run the network, their throughput,
@@ -298,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
             subprocess.run(
                 [tool("dcmcjpeg"), "+e1", str(path), str(lossless / path.name)], check=True
             )
-        # As received: uncompressed words read through their layouts, JPEG Lossless parsed.
-        # "parsed": the same files read by pydicom (`pacs-node classify`, older rows).
+        # As received: read through their layouts. "parsed": the same files read by
+        # pydicom (`pacs-node classify`, rows stored before the layouts).
         inputs: dict[str, Sequence[Slice]] = {
             "uncompressed": [stored_slice(path) for path in plain],
             "uncompressed, parsed": plain,
