@@ -168,21 +168,34 @@ def test_compressed_transfer_syntaxes_give_the_same_probabilities(
                 assert slice_compressed["probabilities"][label] == pytest.approx(value, abs=1e-4)
 
 
-def test_compressed_series_over_the_network(tmp_path: Path, tiny_model: Path) -> None:
+@pytest.mark.parametrize(
+    ("encoder", "proposal", "syntax_name"),
+    [
+        # Read by the infer stage through the layout the receiver records.
+        (["dcmcjpeg", "+e1"], "-xs", "JPEG Lossless"),
+        # Parsed by the infer stage.
+        (["dcmcjpls"], "-xt", "JPEG-LS Lossless"),
+    ],
+)
+def test_compressed_series_over_the_network(
+    tmp_path: Path, tiny_model: Path, encoder: list[str], proposal: str, syntax_name: str
+) -> None:
     originals = renamed_series(chest_ct(), tmp_path / "plain", count=6)
-    folder = tmp_path / "jpeg-ls"
+    folder = tmp_path / "compressed"
     folder.mkdir()
     for path in originals:
-        subprocess.run([tool("dcmcjpls"), str(path), str(folder / path.name)], check=True)
+        subprocess.run(
+            [tool(encoder[0]), *encoder[1:], str(path), str(folder / path.name)], check=True
+        )
     with (
         StoreSCP(tmp_path / "destination") as destination,
         NodeProcess(
             tmp_path / "node", tiny_model, destinations=[("DEST", destination.port)]
         ) as node,
     ):
-        sent = storescu(node.port, "PACSNODE", sorted(folder.iterdir()), extra=["-xt"])
+        sent = storescu(node.port, "PACSNODE", sorted(folder.iterdir()), extra=[proposal])
         assert sent.returncode == 0, sent.stderr
-        assert "JPEG-LS Lossless" in sent.stdout + sent.stderr
+        assert syntax_name in sent.stdout + sent.stderr
         report = read_report(only_sr(destination))
         offline = classify_json(node, tmp_path / "plain")
     assert report.label == offline["label"]
