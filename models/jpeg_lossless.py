@@ -56,20 +56,36 @@ def pixel_array(dataset: Dataset) -> np.ndarray:
 
 def frame_words(path: Path, offset: int, rows: int, columns: int) -> np.ndarray | None:
     """The stored words of the one JPEG Lossless frame encapsulated at `offset` in the
-    file at `path` (the first item of its pixel data); None where libjpeg-turbo is
-    missing, refuses the stream or decodes other than `rows` x `columns` 16-bit words:
-    parsing the file then decodes it, or says why not, as for any other slice."""
+    file at `path` (the first item of its pixel data), or None: parsing the file then
+    decodes it, or says why not, as for any other slice. None where libjpeg-turbo is
+    missing; where the Basic Offset Table is neither empty nor [0] (pydicom reads
+    such tables its own way); where the items or the stream cannot be read; where
+    the stream is not `rows` x `columns` 16-bit words."""
     if not is_available(uid.JPEGLosslessSV1):
         return None
     import imagecodecs
 
     with path.open("rb") as file:
         file.seek(offset)
-        frame = get_frame(file, 0, number_of_frames=1)
-    try:
-        words: np.ndarray = imagecodecs.jpeg8_decode(frame)
-    except imagecodecs.Jpeg8Error:
-        return None
+        if not _offset_table_is_empty_or_zero(file.read(12)):
+            return None
+        file.seek(offset)
+        try:
+            frame = get_frame(file, 0, number_of_frames=1)
+            words: np.ndarray = imagecodecs.jpeg8_decode(frame)
+        except Exception:  # damaged items or stream: refused, or read, by the parse
+            return None
     if words.shape != (rows, columns) or words.dtype != np.uint16:
         return None
     return words
+
+
+_ITEM = b"\xfe\xff\x00\xe0"  # (FFFE,E000), little endian
+
+
+def _offset_table_is_empty_or_zero(start: bytes) -> bool:
+    """Whether the first item, the Basic Offset Table, is empty or holds only 0."""
+    if len(start) < 8 or start[:4] != _ITEM:
+        return False
+    length = int.from_bytes(start[4:8], "little")
+    return length == 0 or (length == 4 and start[8:12] == bytes(4))

@@ -134,12 +134,20 @@ def pixel_layout(dataset: Dataset) -> PixelLayout | None:
     # Only the key's word mapping is kept; the window comes from the manifest when read.
     key = table_key(dataset, center=0.0, width=1.0)
     element = dataset.get_item("PixelData", keep_deferred=True)
-    if key is None or not isinstance(element, RawDataElement):
+    # Float pixel data beside it: pydicom refuses the data set, so the parse must say so.
+    floats = "FloatPixelData" in dataset or "DoubleFloatPixelData" in dataset
+    if key is None or not isinstance(element, RawDataElement) or floats:
         return None
     encoding, shape = NATIVE, words_in_place(dataset, element.length)
-    if shape is None and element.length == _UNDEFINED_LENGTH:
-        encapsulated = _transfer_syntax(dataset) in (JPEGLossless, JPEGLosslessSV1)
-        encoding, shape = JPEG_LOSSLESS, _one_monochrome_frame(dataset) if encapsulated else None
+    if (
+        shape is None
+        and element.length == _UNDEFINED_LENGTH
+        and _transfer_syntax(dataset) in (JPEGLossless, JPEGLosslessSV1)
+        # The frame's fragments are then found through this table, which only
+        # pydicom's parse follows.
+        and "ExtendedOffsetTable" not in dataset
+    ):
+        encoding, shape = JPEG_LOSSLESS, _one_monochrome_frame(dataset)
     if shape is None:
         return None
     rows, columns = shape

@@ -35,6 +35,7 @@ from models import jpeg_lossless, resample
 from models.manifest import IMAGENET_MEAN, IMAGENET_STD, Preprocessing
 from models.pixel_layout import (
     JPEG_LOSSLESS,
+    NATIVE,
     PixelLayout,
     TableKey,
     pixel_layout,
@@ -119,17 +120,20 @@ def unit_from_dataset(dataset: Dataset, center: float, width: float) -> np.ndarr
 def tensor_from_layout(
     path: Path, layout: PixelLayout, preprocessing: Preprocessing
 ) -> torch.Tensor:
-    """`tensor_from_dataset` of the file at `path`, read through its layout."""
-    if layout.encoding == JPEG_LOSSLESS:
-        words = jpeg_lossless.frame_words(path, layout.offset, layout.rows, layout.columns)
-        if words is None:
-            return tensor_from_dataset(pydicom.dcmread(path), preprocessing)
-    else:
+    """`tensor_from_dataset` of the file at `path`, read through its layout (or
+    parsed, where the layout's frame cannot be read that way or its encoding is
+    unknown, as a row written by a later version would be)."""
+    words: np.ndarray | None = None
+    if layout.encoding == NATIVE:
         count = layout.rows * layout.columns
         words = np.fromfile(path, dtype="<u2", count=count, offset=layout.offset)
         if words.size != count:
             raise ValueError(f"{path.name} ends before its {count} stored words")
         words = words.reshape(layout.rows, layout.columns)
+    elif layout.encoding == JPEG_LOSSLESS:
+        words = jpeg_lossless.frame_words(path, layout.offset, layout.rows, layout.columns)
+    if words is None:
+        return tensor_from_dataset(pydicom.dcmread(path), preprocessing)
     key = TableKey(
         layout.signed,
         layout.bits_stored,

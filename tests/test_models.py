@@ -8,7 +8,9 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pydicom
@@ -217,6 +219,106 @@ def test_a_jpeg_stream_libjpeg_turbo_refuses_is_parsed(
     # pydicom's other plugins (GDCM) then decode it, as for a file without a layout.
     monkeypatch.setattr(imagecodecs, "jpeg8_decode", refused)
     assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+
+
+def _parsed_files(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Records each file pydicom parses from now on (and parses it)."""
+    parsed: list[object] = []
+    parse = pydicom.dcmread
+
+    def recorded(path: Any, *args: Any, **kwargs: Any) -> Dataset:
+        parsed.append(path)
+        return parse(path, *args, **kwargs)
+
+    monkeypatch.setattr(pydicom, "dcmread", recorded)
+    return parsed
+
+
+def _with_items(dataset: Dataset, change: Callable[[bytearray], None]) -> Dataset:
+    """`dataset` with its encapsulated pixel data's bytes changed by `change`."""
+    items = bytearray(dataset.PixelData)
+    change(items)
+    dataset.PixelData = bytes(items)
+    dataset["PixelData"].is_undefined_length = True
+    return dataset
+
+
+def _outcome(read: Callable[[], torch.Tensor]) -> tuple[float, ...] | str:
+    """The input `read` gives, or the name of what it raised."""
+    try:
+        return tuple(read().flatten().tolist())
+    except Exception as error:
+        return type(error).__name__
+
+
+def _second_fragment_offset(items: bytearray) -> int:
+    """The second fragment's offset from the first fragment, as an offset table gives it."""
+    first_fragment = 8 + int.from_bytes(items[4:8], "little")
+    return 8 + int.from_bytes(items[first_fragment + 4 : first_fragment + 8], "little")
+
+
+def _offset_table_to_second_fragment(items: bytearray) -> None:
+    """An offset table [offset of the second fragment], in place of the empty one."""
+    offset = _second_fragment_offset(items)
+    items[4:8] = (4).to_bytes(4, "little")
+    items[8:8] = offset.to_bytes(4, "little")
+
+
+def _last_fragment_one_byte_shorter(items: bytearray) -> None:
+    """An odd last fragment and a stray byte before the delimiter, as a writer that
+    pads the whole value rather than each fragment leaves them."""
+    last = 8 + int.from_bytes(items[4:8], "little")
+    while items[last : last + 4] == b"\xfe\xff\x00\xe0":
+        length = int.from_bytes(items[last + 4 : last + 8], "little")
+        if items[last + 8 + length : last + 12 + length] != b"\xfe\xff\x00\xe0":
+            break
+        last += 8 + length
+    length = int.from_bytes(items[last + 4 : last + 8], "little")
+    items[last + 4 : last + 8] = (length - 1).to_bytes(4, "little")
+
+
+@pytest.mark.parametrize(
+    "change", [_offset_table_to_second_fragment, _last_fragment_one_byte_shorter]
+)
+def test_jpeg_items_only_pydicom_reads_its_own_way_are_parsed(
+    change: Callable[[bytearray], None], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = made_jpeg_lossless(_slice(True, 12, (1.0, -1024.0)), fragments=2)
+    path = _saved(_with_items(dataset, change), tmp_path / "slice.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+    assert layout.encoding == JPEG_LOSSLESS
+    # The parse's input, or what it raises: the layout path must give the same.
+    expected = _outcome(lambda: tensor_from_dataset(pydicom.dcmread(path), SMALL))
+    parsed = _parsed_files(monkeypatch)
+    assert _outcome(lambda: tensor_from_layout(path, layout, SMALL)) == expected
+    assert parsed == [path]
+
+
+def test_jpeg_data_with_an_extended_offset_table_or_float_pixels_gets_no_layout(
+    tmp_path: Path,
+) -> None:
+    with_table = made_jpeg_lossless(_slice(False, 12, (1.0, -1024.0)))
+    with_table.ExtendedOffsetTable = (0).to_bytes(8, "little")
+    with_table.ExtendedOffsetTableLengths = (100).to_bytes(8, "little")
+    with_floats = _slice(False, 12, (1.0, -1024.0))
+    with_floats.FloatPixelData = bytes(4 * 32 * 32)
+    for name, dataset in {"extended table": with_table, "float pixels": with_floats}.items():
+        path = _saved(dataset, tmp_path / f"{name}.dcm")
+        assert pixel_layout(pydicom.dcmread(path, defer_size=1024)) is None, name
+
+
+def test_a_layout_of_an_unknown_encoding_is_parsed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _saved(_slice(False, 12, (1.0, -1024.0)), tmp_path / "slice.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    later = PixelLayout.from_text(layout.to_text().replace('"native"', '"from-a-later-version"'))
+    parsed = _parsed_files(monkeypatch)
+    assert torch.equal(tensor_from_layout(path, later, SMALL), expected)
+    assert parsed == [path]
 
 
 def test_a_layout_written_before_jpeg_layouts_reads_as_words_in_place() -> None:
