@@ -8,17 +8,24 @@ imagecodecs, or for a stream libjpeg-turbo refuses, pydicom's plugins decode as 
 
 `frame_words` decodes the one frame of a file whose layout the receiver recorded,
 without parsing the file: the window table then does pydicom's corrections.
+
+No decoder sees a stream whose frame header contradicts its data set
+(`check_frame_headers`): on such streams the fallback decoders have taken the
+whole process down (GDCM segfaulted on a precision of 17, pylibjpeg allocated
+memory until the kernel killed the process on a height of 0; a review's crafted
+files).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import struct
 from pathlib import Path
 
 import numpy as np
 from pydicom import uid
 from pydicom.dataset import Dataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import generate_fragments, get_frame
 from pydicom.pixels.decoders.base import DecodeRunner, get_decoder
 
 LABEL = "imagecodecs"
@@ -45,6 +52,8 @@ for _syntax in SYNTAXES:
 def pixel_array(dataset: Dataset) -> np.ndarray:
     """`dataset.pixel_array`, from libjpeg-turbo first where it can decode it."""
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
+    if syntax in SYNTAXES:
+        check_frame_headers(dataset)
     if syntax in SYNTAXES and is_available(syntax):
         dataset.pixel_array_options(decoding_plugin=LABEL)
         try:
@@ -52,6 +61,54 @@ def pixel_array(dataset: Dataset) -> np.ndarray:
         except Exception:  # the other plugins may still read it
             dataset.pixel_array_options(decoding_plugin="")
     return dataset.pixel_array
+
+
+# Start-of-frame markers (ITU-T T.81, B.1.1.3): FFC0-FFCF but DHT, JPG and DAC. In
+# entropy-coded data an FF byte is followed only by 00 or a restart marker, so these
+# two bytes mark frame headers wherever they are found.
+_START_OF_FRAME = tuple(
+    bytes((0xFF, code)) for code in range(0xC0, 0xD0) if code not in (0xC4, 0xC8, 0xCC)
+)
+
+
+def check_frame_headers(dataset: Dataset) -> None:
+    """Raise ValueError, before any decoder runs, if a frame header in the encapsulated
+    pixel data gives another size than Rows x Columns, other than SamplesPerPixel
+    components, or a precision outside 2-16. All fragments are searched, joined, since
+    a frame may begin in any of them and a header may straddle two."""
+    rows, columns = dataset.get("Rows"), dataset.get("Columns")
+    if not isinstance(rows, int) or not isinstance(columns, int):
+        return  # pydicom refuses to decode without them, and says so
+    expected = (rows, columns, int(dataset.get("SamplesPerPixel", 1)))
+    data = b"".join(_readable_fragments(dataset.PixelData))
+    for marker in _START_OF_FRAME:
+        start = data.find(marker)
+        while start != -1:
+            header = data[start + 4 : start + 10]  # after the marker and the length
+            if len(header) < 6:
+                raise ValueError("a JPEG frame header is cut short")
+            precision = header[0]
+            height, width = int.from_bytes(header[1:3], "big"), int.from_bytes(header[3:5], "big")
+            found = (height, width, header[5])
+            if found != expected or not 2 <= precision <= 16:
+                raise ValueError(
+                    f"a JPEG frame header says {found[0]}x{found[1]}, {found[2]} component(s), "
+                    f"precision {precision}; the data set says {expected[0]}x{expected[1]}, "
+                    f"{expected[2]} sample(s) per pixel"
+                )
+            start = data.find(marker, start + 2)
+
+
+def _readable_fragments(encapsulated: bytes) -> list[bytes]:
+    """The fragments after the Basic Offset Table (the first item), up to the first
+    that cannot be read: as far as pydicom's own reading of the items goes."""
+    items: list[bytes] = []
+    try:
+        for item in generate_fragments(encapsulated):
+            items.append(item)
+    except (ValueError, struct.error):
+        pass
+    return items[1:]
 
 
 def frame_words(path: Path, offset: int, rows: int, columns: int) -> np.ndarray | None:

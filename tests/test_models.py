@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as functional
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import get_frame
+from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
     UID,
@@ -536,6 +536,45 @@ def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_gdcm(
 
     assert np.array_equal(jpeg_lossless.pixel_array(dataset), by_gdcm)
     assert decoded == [stream]
+
+
+def _frame_header_changed(dataset: Dataset, **changes: int) -> Dataset:
+    """`dataset` (JPEG Lossless) with fields of its stream's frame header (SOF3) changed."""
+    stream = bytearray(get_frame(dataset.PixelData, 0, number_of_frames=1))
+    start = stream.index(b"\xff\xc3") + 4  # after the marker and the length
+    fields = {"precision": (0, 1), "height": (1, 3), "width": (3, 5), "components": (5, 6)}
+    for name, value in changes.items():
+        first, end = fields[name]
+        stream[start + first : start + end] = value.to_bytes(end - first, "big")
+    dataset.PixelData = encapsulate([bytes(stream)], fragments_per_frame=2)
+    dataset["PixelData"].is_undefined_length = True
+    return dataset
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [{"precision": 17}, {"height": 0}, {"width": 31}, {"components": 3}, {"precision": 1}],
+)
+def test_a_jpeg_frame_header_that_contradicts_its_data_set_reaches_no_decoder(
+    changes: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Decoders took the process down on such streams: GDCM segfaulted on precision
+    17, pylibjpeg allocated until the kernel killed it on height 0."""
+    stored = made_jpeg_lossless(_slice(False, 12, (1.0, -1024.0)))
+    dataset = _frame_header_changed(stored, **changes)
+    path = _saved(dataset, tmp_path / "slice.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None
+
+    def no_decoding(self: Dataset) -> np.ndarray:
+        raise AssertionError("a decoder was reached")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_decoding))
+    with pytest.raises(ValueError, match="a JPEG frame header says"):
+        tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    # Through the layout: libjpeg-turbo refuses it or decodes another size; then parsed.
+    with pytest.raises(ValueError, match="a JPEG frame header says"):
+        tensor_from_layout(path, layout, SMALL)
 
 
 def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
