@@ -54,12 +54,12 @@ def pixel_array(dataset: Dataset) -> np.ndarray:
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
     if syntax in SYNTAXES:
         check_frame_headers(dataset)
-    if syntax in SYNTAXES and is_available(syntax):
-        dataset.pixel_array_options(decoding_plugin=LABEL)
-        try:
-            return dataset.pixel_array
-        except Exception:  # the other plugins may still read it
-            dataset.pixel_array_options(decoding_plugin="")
+        if is_available(syntax):
+            dataset.pixel_array_options(decoding_plugin=LABEL)
+            try:
+                return dataset.pixel_array
+            except Exception:  # the other plugins may still read it
+                dataset.pixel_array_options(decoding_plugin="")
     return dataset.pixel_array
 
 
