@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import os
 import struct
+import zlib
 from pathlib import Path
 from typing import cast
 
@@ -41,13 +42,17 @@ from pydicom.uid import (
 )
 from pydicom.valuerep import EXPLICIT_VR_LENGTH_32, VR
 
-__all__ = ["read_header"]
+from pacs_node.errors import BadInstanceError
+
+__all__ = ["inflated_size", "read_header"]
 
 UNDEFINED_LENGTH = 0xFFFFFFFF
 _PREAMBLE_BYTES = 128
 _READ_AHEAD_BYTES = 64 * 1024
 _ITEM, _ITEM_END, _SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 _PIXEL_DATA = 0x7FE00010
+# "DICM", then (0002,0000) UL of length 4: the File Meta Information Group Length.
+_META_GROUP_LENGTH = b"DICM\x02\x00\x00\x00UL\x04\x00"
 _CHARACTER_SET = 0x00080005
 # Sequences nest a few levels in real data; dcmread's recursion fails near 200.
 _MAX_DEPTH = 16
@@ -75,6 +80,36 @@ def read_header(path: Path, defer_bytes: int) -> Dataset:
         return _read(path, defer_bytes)
     except _NotReadHereError:
         return dcmread(path, defer_size=defer_bytes)
+
+
+def inflated_size(path: Path, limit: int) -> int:
+    """The bytes of the data set of a Deflated Explicit VR Little Endian file (PS3.5
+    A.5) once inflated, counted without holding them: `dcmread` inflates the whole
+    data set in memory, and its positions count in the inflated bytes, which the
+    file's size does not bound.
+
+    Raises BadInstanceError where the stream is damaged or cut short, or inflates
+    beyond `limit` bytes (a small stream can inflate a thousandfold).
+    """
+    with path.open("rb") as file:
+        start = file.read(_PREAMBLE_BYTES + 16)
+        if start[_PREAMBLE_BYTES : _PREAMBLE_BYTES + 12] != _META_GROUP_LENGTH:
+            raise BadInstanceError("no File Meta Information Group Length")
+        file.seek(len(start) + int.from_bytes(start[-4:], "little"))
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        size = 0
+        try:
+            while not inflater.eof and (chunk := file.read(_READ_AHEAD_BYTES)):
+                while chunk and not inflater.eof:
+                    size += len(inflater.decompress(chunk, _READ_AHEAD_BYTES))
+                    if size > limit:
+                        raise BadInstanceError(f"deflated data set inflates beyond {limit} bytes")
+                    chunk = inflater.unconsumed_tail
+        except zlib.error as error:
+            raise BadInstanceError(f"deflated data set cannot be inflated: {error}") from error
+    if not inflater.eof:
+        raise BadInstanceError("deflated data set is cut short")
+    return size
 
 
 def _read(path: Path, defer_bytes: int) -> FileDataset:

@@ -40,7 +40,7 @@ from pacs_node.errors import (
     DatasetMismatchError,
     StoreUnavailableError,
 )
-from pacs_node.header import read_header
+from pacs_node.header import inflated_size, read_header
 from pacs_node.intake import InstanceInfo, check_complete, describe
 from pacs_node.storage import IncomingFile, ReceivedFile, Storage
 from pacs_node.store import InstanceOutcome, JobStore, NewInstance
@@ -71,6 +71,9 @@ DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
 # Header values longer than this are left on disk when describing an instance.
 DEFER_BYTES = 4096
+# Deflate compresses whole data sets, not pixel data: meant for reports and small
+# objects. Reading one holds it inflated in memory, so this bounds what it may become.
+MAXIMUM_INFLATED_BYTES = 256 * 1024 * 1024
 # Offered to peers: a CT slice then arrives in one P-DATA-TF, not dozens.
 MAXIMUM_PDU_BYTES = 4 * 1024 * 1024
 
@@ -227,9 +230,11 @@ class Receiver:
             return self.storage.incoming_file(header)
         return ready.result().start(header)
 
-    def read_received(self, path: Path, size: int) -> Future[ReadInstance]:
+    def read_received(
+        self, path: Path, size: int, transfer_syntax: str
+    ) -> Future[ReadInstance]:
         """Read a received data set's header (see `read_instance`) on another thread."""
-        return self._readers.submit(read_instance, path, size, self.intake)
+        return self._readers.submit(read_instance, path, size, transfer_syntax, self.intake)
 
     def store_received(
         self, request: StoreRequest, received: ReceivedFile, reading: Future[ReadInstance]
@@ -402,7 +407,9 @@ class _InstanceSink:
         # This thread syncs the file, which lets go of the GIL at once, while
         # another reads its header: neither waits for the other to start
         # (ingest 1.15x syncing on another thread and parsing here: README).
-        reading = self.receiver.read_received(self.file.path, self.file.size)
+        reading = self.receiver.read_received(
+            self.file.path, self.file.size, self.request.transfer_syntax_uid
+        )
         try:
             received = self.file.finish()  # removes the file if the sync fails
         except OSError as error:
@@ -458,10 +465,15 @@ class ReadInstance:
     pixel_layout: str | None
 
 
-def read_instance(path: Path, size: int, intake: IntakeSettings) -> ReadInstance:
+def read_instance(
+    path: Path, size: int, transfer_syntax: str, intake: IntakeSettings
+) -> ReadInstance:
     """Read a received data set of `size` bytes at `path`: its header only (values
     over DEFER_BYTES, the pixel data, stay on disk), checked and described; raises
     as `check_complete` and `describe` do, or as pydicom does on malformed data."""
+    if transfer_syntax == uid.DeflatedExplicitVRLittleEndian:
+        # Positions then count in the inflated data set, which pydicom holds whole.
+        size = inflated_size(path, MAXIMUM_INFLATED_BYTES)
     try:
         dataset = read_header(path, DEFER_BYTES)
     except OSError as error:

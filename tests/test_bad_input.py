@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -318,7 +319,7 @@ UNDECODABLE: dict[str, tuple[Callable[[bytes], bytes], str, int, str]] = {
         lambda body: b"\x00\xff" + deflated(body)[2:5000],
         DeflatedExplicitVRLittleEndian,
         0xC000,
-        "cannot decode data set",
+        "deflated data set cannot be inflated",
     ),
 }
 
@@ -330,6 +331,66 @@ def test_undecodable_data_sets_are_refused(node: NodeProcess, tmp_path: Path, ca
     body = corrupt(encoded(dataset))
     path = raw_file(tmp_path / "x.dcm", dataset.SOPClassUID, dataset.SOPInstanceUID, body, syntax)
     assert send_file_status(node.port, path) == status
+    logged(node, reason)
+    assert not stored(node, dataset.SOPInstanceUID)
+
+
+# --- deflated data sets: read inflated, within bounds ---------------------------------
+
+
+def test_a_deflated_instance_is_stored_as_sent(node: NodeProcess, tmp_path: Path) -> None:
+    (source,) = renamed_series(chest_ct(), tmp_path / "plain", count=1)
+    path = tmp_path / "deflated.dcm"
+    subprocess.run([tool("dcmconv"), "+td", str(source), str(path)], check=True, timeout=60)
+    sent = subprocess.run(
+        [
+            *(tool("storescu"), "-xd", "-aet", "STORESCU", "-aec", "PACSNODE"),
+            *("127.0.0.1", str(node.port), str(path)),
+        ],
+        env=dcmtk_environment(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert sent.returncode == 0 and "0xC000" not in sent.stderr, sent.stderr
+    sop_uid = pydicom.dcmread(source).SOPInstanceUID
+    (stored_file,) = (node.storage_root / "instances").rglob(f"{sop_uid}.*.dcm")
+    received = pydicom.dcmread(stored_file)
+    assert received.file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assert received.PixelData == pydicom.dcmread(source).PixelData
+
+
+def _deflate_bomb(body: bytes) -> bytes:
+    """The slice, then a private OB element of 300 MiB of zeros: ~300 KiB deflated."""
+    size = 300 << 20
+    compressor = zlib.compressobj(wbits=-15)
+    parts = [compressor.compress(body + b"\x09\x00\x10\x10OB\0\0" + size.to_bytes(4, "little"))]
+    zeros = bytes(1 << 20)
+    parts += [compressor.compress(zeros) for _ in range(size >> 20)]
+    return b"".join(parts) + compressor.flush()
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "reason"),
+    [
+        (lambda body: deflated(body)[:-1000], "deflated data set is cut short"),
+        (_deflate_bomb, "deflated data set inflates beyond 268435456 bytes"),
+    ],
+    ids=["cut short", "inflating beyond the bound"],
+)
+def test_a_deflated_data_set_that_cannot_be_read_whole_is_refused(
+    node: NodeProcess, tmp_path: Path, corrupt: Callable[[bytes], bytes], reason: str
+) -> None:
+    dataset = ct_slice()
+    body = corrupt(encoded(dataset))
+    path = raw_file(
+        tmp_path / "x.dcm",
+        dataset.SOPClassUID,
+        dataset.SOPInstanceUID,
+        body,
+        DeflatedExplicitVRLittleEndian,
+    )
+    assert send_file_status(node.port, path) == 0xC000
     logged(node, reason)
     assert not stored(node, dataset.SOPInstanceUID)
 
