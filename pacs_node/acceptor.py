@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -53,15 +53,30 @@ _ASSOCIATE_RQ, _ASSOCIATE_AC, _ASSOCIATE_RJ = 0x01, 0x02, 0x03
 _P_DATA, _RELEASE_RQ, _RELEASE_RP, _ABORT = 0x04, 0x05, 0x06, 0x07
 _PDU_HEADER = struct.Struct(">BxL")
 _PDV_HEADER = struct.Struct(">LBB")
-# A-ABORT provider reasons (PS3.8 9.3.8).
-_NOT_SPECIFIED, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x00, 0x02, 0x06
+_KNOWN_PDU_TYPES = frozenset(range(_ASSOCIATE_RQ, _ABORT + 1))
+# A-RELEASE-RQ, A-RELEASE-RP and A-ABORT carry 4 bytes after their header (PS3.8 9.3.6-9.3.8).
+_FIXED_PDU_LENGTH = 4
+# A-ABORT provider reasons (PS3.8 9.3.8, Table 9-26).
+_NOT_SPECIFIED, _UNRECOGNIZED_PDU, _UNEXPECTED_PDU, _INVALID_PARAMETER = 0x00, 0x01, 0x02, 0x06
 # Command fields and the "no data set" marker (PS3.7 E.1).
 _C_STORE_RQ, _C_ECHO_RQ, _C_CANCEL_RQ, _RESPONSE = 0x0001, 0x0030, 0x0FFF, 0x8000
 _NO_DATA_SET = 0x0101
+# "Refused: SOP Class not supported" (PS3.7 C): the request names another SOP class
+# than its presentation context's abstract syntax.
+_SOP_CLASS_NOT_SUPPORTED = 0x0122
 # Bounds on what a peer may make this process hold in memory.
 _MAX_REQUEST_BYTES = 1 << 20
 _MAX_COMMAND_BYTES = 1 << 16
 _READ_BUFFER_BYTES = 1 << 20
+# Variable-length values are read in pieces of this size, so that a peer that
+# announces a long PDU and sends little costs little memory.
+_READ_PIECE_BYTES = 1 << 16
+# Connections still to send their A-ASSOCIATE-RQ, per association allowed: beyond
+# them a new connection is closed at once, so that a peer cannot hold threads and
+# sockets without ever associating.
+_WAITING_CONNECTIONS_PER_ASSOCIATION = 4
+# The listen backlog: a burst of connections waits here, not for SYN retransmits.
+_LISTEN_BACKLOG = 128
 # How long a closing connection waits for the peer to close its side.
 _CLOSE_WAIT_SECONDS = 2.0
 
@@ -88,6 +103,8 @@ class StoreRequest:
     sop_class_uid: str
     sop_instance_uid: str
     transfer_syntax_uid: str
+    # The presentation context's: a request for another SOP class is refused.
+    abstract_syntax: str
 
 
 class DataSetSink(Protocol):
@@ -154,6 +171,7 @@ class Acceptor:
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
         self._established = 0
+        self._waiting = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
@@ -189,20 +207,33 @@ class Acceptor:
                     connection.shutdown(socket.SHUT_RDWR)
 
     def _serve_connection(self, raw: socket.socket, address: tuple[str, int]) -> None:
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # responses are tiny
-        raw.settimeout(self.settings.acse_timeout_seconds)
-        connection = self._secure(raw, address)  # with TLS, `raw` is detached from here on
-        if connection is None:
+        # ARTIM (PS3.8 9.1.5): the whole A-ASSOCIATE-RQ within the ACSE timeout.
+        deadline = time.monotonic() + self.settings.acse_timeout_seconds
+        waiting = _WaitingSlot(self)
+        if not waiting.taken:
+            log.warning(
+                "connection closed: too many connections have not associated yet",
+                extra={"action": "reject", "peer": _peer(address)},
+            )
             raw.close()
             return
-        with self._lock:
-            self._connections.add(connection)
         try:
-            _AssociationThread(self, connection, address).run()
-        finally:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # responses are tiny
+            raw.settimeout(self.settings.acse_timeout_seconds)
+            connection = self._secure(raw, address)  # with TLS, `raw` is detached from here on
+            if connection is None:
+                raw.close()
+                return
             with self._lock:
-                self._connections.discard(connection)
-            _close(connection)
+                self._connections.add(connection)
+            try:
+                _AssociationThread(self, connection, address, deadline, waiting.release).run()
+            finally:
+                with self._lock:
+                    self._connections.discard(connection)
+                _close(connection)
+        finally:
+            waiting.release()
 
     def _secure(self, raw: socket.socket, address: tuple[str, int]) -> socket.socket | None:
         if self.settings.tls is None:
@@ -229,15 +260,42 @@ class Acceptor:
             self._established -= 1
 
 
+class _WaitingSlot:
+    """A connection's place among those that have not associated yet, if it got one."""
+
+    def __init__(self, acceptor: Acceptor) -> None:
+        self._acceptor = acceptor
+        limit = _WAITING_CONNECTIONS_PER_ASSOCIATION * acceptor.settings.max_associations
+        with acceptor._lock:
+            self.taken = acceptor._waiting < limit
+            if self.taken:
+                acceptor._waiting += 1
+
+    def release(self) -> None:
+        """Give the place back (once): the connection associated, or ended."""
+        with self._acceptor._lock:
+            if self.taken:
+                self.taken = False
+                self._acceptor._waiting -= 1
+
+
 class _Server(socketserver.ThreadingTCPServer):
     allow_reuse_address = True
     daemon_threads = True
+    request_queue_size = _LISTEN_BACKLOG
 
     def __init__(
         self, address: tuple[str, int], handler: type[socketserver.BaseRequestHandler]
     ) -> None:
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         super().__init__(address, handler)
+
+
+class _Accepted(NamedTuple):
+    """An accepted presentation context."""
+
+    abstract_syntax: str
+    transfer_syntax: str
 
 
 @dataclass
@@ -253,30 +311,43 @@ class _AssociationThread:
     """The acceptor's side of one association, from A-ASSOCIATE-RQ to the close."""
 
     def __init__(
-        self, acceptor: Acceptor, connection: socket.socket, address: tuple[str, int]
+        self,
+        acceptor: Acceptor,
+        connection: socket.socket,
+        address: tuple[str, int],
+        artim_deadline: float,
+        negotiated: Callable[[], None],
     ) -> None:
         self.acceptor = acceptor
         self.settings = acceptor.settings
         self.connection = connection
         self.address = address
+        self.artim_deadline = artim_deadline
+        self.negotiated = negotiated  # called once the request is answered
         self.association: Association | None = None
-        self.contexts: dict[int, str] = {}  # accepted context ID -> transfer syntax
+        self.contexts: dict[int, _Accepted] = {}
         self.peer_maximum_pdu = 0
         self.command = bytearray()
+        self.command_context: int | None = None
         self.pending: _PendingStore | None = None
         # Allocated with the first data set: a connection that never associates costs no buffer.
         self.buffer: memoryview | None = None
 
     def run(self) -> None:
         try:
-            if not self._negotiate():
-                return
+            associated = self._negotiate()
         except Exception as error:  # whatever the request was, the service goes on
             log.warning(
                 "connection dropped before an association",
                 extra={"action": "reject", "peer": _peer(self.address), "reason": _why(error)},
             )
-            self._abort(getattr(error, "reason", _NOT_SPECIFIED))
+            # ARTIM expired, or the peer aborted or left: close only (PS3.8 9.2, AA-2).
+            if not isinstance(error, (TimeoutError, PeerClosedError)):
+                self._abort(getattr(error, "reason", _NOT_SPECIFIED))
+            return
+        finally:
+            self.negotiated()
+        if not associated:
             return
         assert self.association is not None
         self.connection.settimeout(self.settings.network_timeout_seconds)
@@ -300,12 +371,16 @@ class _AssociationThread:
     # --- association establishment (PS3.8 7.1) -------------------------------
 
     def _negotiate(self) -> bool:
-        pdu_type, length = self._read_pdu_header()
+        pdu_type, length = self._read_pdu_header(self.artim_deadline)
+        if pdu_type == _ABORT:
+            raise PeerClosedError("A-ABORT instead of an A-ASSOCIATE-RQ")
         if pdu_type != _ASSOCIATE_RQ:
-            raise ProtocolError(f"PDU type 0x{pdu_type:02X} instead of A-ASSOCIATE-RQ")
+            raise ProtocolError(
+                f"PDU type 0x{pdu_type:02X} instead of A-ASSOCIATE-RQ", _unexpected(pdu_type)
+            )
         if length > _MAX_REQUEST_BYTES:
             raise ProtocolError("A-ASSOCIATE-RQ too long", _INVALID_PARAMETER)
-        body = self._read_exact(length)
+        body = self._read_exact(length, self.artim_deadline)
         request = _decode_request(_PDU_HEADER.pack(pdu_type, length) + body)
         calling_ae = request.calling_ae_title.strip()
         supports_version_1 = bool(body[1] & 0x01)
@@ -325,33 +400,8 @@ class _AssociationThread:
                 bytes([_ASSOCIATE_RJ, 0, 0, 0, 0, 4, 0, result, source, reason])
             )
             return False
-        results, _ = negotiate_as_acceptor(
-            request.presentation_context_definition_list, self.acceptor.contexts
-        )
-        self.contexts = {
-            int(context.context_id): str(context.transfer_syntax[0])
-            for context in results
-            if context.result == 0 and context.context_id is not None
-        }
-        self.peer_maximum_pdu = next(
-            (
-                int(item.maximum_length_received)
-                for item in request.user_information
-                if isinstance(item, MaximumLengthNotification)
-            ),
-            0,
-        )
-        self.association = Association(
-            calling_ae=calling_ae,
-            called_ae=request.called_ae_title.strip(),
-            address=self.address[0],
-            port=self.address[1],
-            rejected_abstract_syntaxes=tuple(
-                sorted({str(cx.abstract_syntax) for cx in results if cx.result != 0})
-            ),
-        )
-        try:
-            self.connection.sendall(self._accept(request, results))
+        try:  # the association is counted from here: uncount it on any failure
+            self.connection.sendall(self._accept(request, calling_ae))
         except BaseException:
             self.acceptor._end_association()
             raise
@@ -375,7 +425,35 @@ class _AssociationThread:
             return 2, 3, 2, f"dicom.max_associations ({self.settings.max_associations}) reached"
         return None
 
-    def _accept(self, request: A_ASSOCIATE, results: list[PresentationContext]) -> bytes:
+    def _accept(self, request: A_ASSOCIATE, calling_ae: str) -> bytes:
+        """Negotiate the association and encode the A-ASSOCIATE-AC that accepts it."""
+        results, _ = negotiate_as_acceptor(
+            request.presentation_context_definition_list, self.acceptor.contexts
+        )
+        self.contexts = {
+            int(context.context_id): _Accepted(
+                str(context.abstract_syntax), str(context.transfer_syntax[0])
+            )
+            for context in results
+            if context.result == 0 and context.context_id is not None
+        }
+        self.peer_maximum_pdu = next(
+            (
+                int(item.maximum_length_received)
+                for item in request.user_information
+                if isinstance(item, MaximumLengthNotification)
+            ),
+            0,
+        )
+        self.association = Association(
+            calling_ae=calling_ae,
+            called_ae=request.called_ae_title.strip(),
+            address=self.address[0],
+            port=self.address[1],
+            rejected_abstract_syntaxes=tuple(
+                sorted({str(cx.abstract_syntax) for cx in results if cx.result != 0})
+            ),
+        )
         answer = A_ASSOCIATE()
         answer.application_context_name = APPLICATION_CONTEXT
         answer.calling_ae_title = request.calling_ae_title
@@ -402,16 +480,20 @@ class _AssociationThread:
             if pdu_type == _P_DATA:
                 self._read_p_data(length)
             elif pdu_type == _RELEASE_RQ:
+                if length != _FIXED_PDU_LENGTH:
+                    raise ProtocolError(f"A-RELEASE-RQ of length {length}", _INVALID_PARAMETER)
                 self._read_exact(length)
                 self.connection.sendall(bytes([_RELEASE_RP, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
                 return "released", ""
             elif pdu_type == _ABORT:
-                self._read_exact(length)
+                # Whatever its length says: the connection closes now.
                 return "aborted", "A-ABORT from the peer"
             else:
-                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}")
+                raise ProtocolError(f"unexpected PDU type 0x{pdu_type:02X}", _unexpected(pdu_type))
 
     def _read_p_data(self, length: int) -> None:
+        if length < _PDV_HEADER.size:
+            raise ProtocolError("P-DATA-TF without a PDV", _INVALID_PARAMETER)
         remaining = length
         while remaining:
             if remaining < _PDV_HEADER.size:
@@ -437,10 +519,14 @@ class _AssociationThread:
             raise ProtocolError("a command arrived before the previous data set ended")
         if len(self.command) + length > _MAX_COMMAND_BYTES:
             raise ProtocolError("command set too long", _INVALID_PARAMETER)
+        if self.command_context not in (None, context_id):
+            raise ProtocolError("a command's fragments on two contexts", _INVALID_PARAMETER)
+        self.command_context = context_id
         self.command += self._read_exact(length)
         if is_last:
             command = _decode_command(bytes(self.command))
             self.command.clear()
+            self.command_context = None
             self._on_command(context_id, command)
 
     def _read_data_set_fragment(self, context_id: int, length: int, is_last: bool) -> None:
@@ -476,18 +562,24 @@ class _AssociationThread:
             return  # nothing to cancel: every request here is answered at once
         message_id = _unsigned(command, 0x0110)
         has_data_set = _unsigned(command, 0x0800) != _NO_DATA_SET
+        sop_class = _text(command, 0x0002)
+        context = self.contexts[context_id]
         assert self.association is not None
         if field == _C_ECHO_RQ and not has_data_set:
             log.debug("C-ECHO", extra={"action": "echo", "peer_ae": self.association.calling_ae})
-            self._respond(
-                context_id, _C_ECHO_RQ, message_id, (_text(command, 0x0002), None), Status(0)
-            )
+            status = Status(0)
+            if sop_class != context.abstract_syntax:
+                status = Status(
+                    _SOP_CLASS_NOT_SUPPORTED, f"context {context_id} is not for {sop_class}"
+                )
+            self._respond(context_id, _C_ECHO_RQ, message_id, (sop_class, None), status)
         elif field == _C_STORE_RQ and has_data_set:
             request = StoreRequest(
                 association=self.association,
-                sop_class_uid=_text(command, 0x0002),
+                sop_class_uid=sop_class,
                 sop_instance_uid=_text(command, 0x1000),
-                transfer_syntax_uid=self.contexts[context_id],
+                transfer_syntax_uid=context.transfer_syntax,
+                abstract_syntax=context.abstract_syntax,
             )
             target = self.acceptor.service.prepare_store(request, file_meta_header(request))
             self.pending = _PendingStore(context_id, message_id, request, target)
@@ -515,23 +607,33 @@ class _AssociationThread:
 
     # --- the socket -------------------------------------------------------------
 
-    def _read_pdu_header(self) -> tuple[int, int]:
-        pdu_type, length = _PDU_HEADER.unpack(self._read_exact(_PDU_HEADER.size))
+    def _read_pdu_header(self, deadline: float | None = None) -> tuple[int, int]:
+        pdu_type, length = _PDU_HEADER.unpack(self._read_exact(_PDU_HEADER.size, deadline))
         return int(pdu_type), int(length)
 
-    def _read_exact(self, length: int) -> bytes:
-        data = bytearray(length)
-        view = memoryview(data)
-        while view:
-            received = self.connection.recv_into(view)
-            if not received:
+    def _read_exact(self, length: int, deadline: float | None = None) -> bytes:
+        """`length` bytes, held as they arrive; by `deadline` (monotonic) if given."""
+        data = bytearray()
+        while len(data) < length:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("ARTIM expired")
+                self.connection.settimeout(left)
+            piece = self.connection.recv(min(length - len(data), _READ_PIECE_BYTES))
+            if not piece:
                 raise PeerClosedError("connection closed inside a PDU")
-            view = view[received:]
+            data += piece
         return bytes(data)
 
     def _abort(self, reason: int) -> None:
         with contextlib.suppress(OSError):  # the peer is gone already
             self.connection.sendall(bytes([_ABORT, 0, 0, 0, 0, 4, 0, 0, 2, reason]))
+
+
+def _unexpected(pdu_type: int) -> int:
+    """The A-ABORT reason for a PDU that has no place here (PS3.8 Table 9-26)."""
+    return _UNEXPECTED_PDU if pdu_type in _KNOWN_PDU_TYPES else _UNRECOGNIZED_PDU
 
 
 def _decode_request(pdu: bytes) -> A_ASSOCIATE:
@@ -547,9 +649,28 @@ def _decode_request(pdu: bytes) -> A_ASSOCIATE:
     decoded = A_ASSOCIATE_RQ()
     try:
         decoded.decode(pdu)
-        return decoded.to_primitive()
+        request = decoded.to_primitive()
     except Exception as error:  # pynetdicom asserts, or raises various errors
-        raise ProtocolError(f"undecodable A-ASSOCIATE-RQ ({type(error).__name__})") from error
+        raise ProtocolError(
+            f"undecodable A-ASSOCIATE-RQ ({type(error).__name__})", _INVALID_PARAMETER
+        ) from error
+    _check_contexts(request.presentation_context_definition_list)
+    return request
+
+
+def _check_contexts(contexts: Sequence[PresentationContext]) -> None:
+    """One or more presentation contexts, each with its own ID, an abstract syntax and
+    one or more transfer syntaxes (PS3.8 9.3.2.2); else the request is aborted."""
+    identifiers = [context.context_id for context in contexts]
+    if not contexts or len(set(identifiers)) != len(identifiers):
+        raise ProtocolError(
+            "presentation context IDs missing or repeated in the A-ASSOCIATE-RQ",
+            _INVALID_PARAMETER,
+        )
+    if any(not context.abstract_syntax or not context.transfer_syntax for context in contexts):
+        raise ProtocolError(
+            "a presentation context without its abstract or transfer syntax", _INVALID_PARAMETER
+        )
 
 
 # --- DIMSE command sets: Implicit VR Little Endian, group 0000 (PS3.7 6.3.1) -----

@@ -66,6 +66,7 @@ ACCEPTED_TRANSFER_SYNTAXES = [
 
 VERIFICATION = "1.2.840.10008.1.1"
 SUCCESS = 0x0000
+SOP_CLASS_NOT_SUPPORTED = 0x0122
 OUT_OF_RESOURCES = 0xA700
 DATASET_MISMATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
@@ -205,6 +206,17 @@ class Receiver:
 
     def prepare_store(self, request: StoreRequest, header: bytes) -> DataSetSink | Status:
         self.on_store()
+        if request.sop_class_uid != request.abstract_syntax:
+            # The SOP class the association negotiated for this context is the one
+            # its requests may store (PS3.8 7.1.1.13); pynetdicom answers the same.
+            reason = (
+                f"SOP class {request.sop_class_uid} sent on the presentation context "
+                f"for {request.abstract_syntax}"
+            )
+            return self._counted(
+                request,
+                self._refuse(SOP_CLASS_NOT_SUPPORTED, reason, request.association.calling_ae),
+            )
         refusal = self.admit()
         if refusal is not None:
             log.warning(

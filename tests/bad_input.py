@@ -121,18 +121,32 @@ def closed_by_peer(connection: socket.socket) -> bytes:
     return received
 
 
+CT_IMAGE_STORAGE = b"1.2.840.10008.5.1.4.1.1.2"
+EXPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2.1"
+
+
+def presentation_context(
+    context_id: int, abstract: bytes | None, transfer: bytes | None = EXPLICIT_VR_LITTLE_ENDIAN
+) -> bytes:
+    """A Presentation Context item of an A-ASSOCIATE-RQ; None leaves a sub-item out."""
+    items = (_item(0x30, abstract) if abstract else b"") + (
+        _item(0x40, transfer) if transfer else b""
+    )
+    return _item(0x20, bytes([context_id, 0, 0, 0]) + items)
+
+
 def association_request(
     calling_ae: str,
     pdu_length_error: int = 0,
     protocol_version: int = 1,
     application_context_name: bytes = b"1.2.840.10008.3.1.1.1",
+    contexts: bytes | None = None,
 ) -> bytes:
-    """A minimal A-ASSOCIATE-RQ for CT Image Storage (context 1, explicit VR little
-    endian); `pdu_length_error` corrupts its length."""
+    """A minimal A-ASSOCIATE-RQ, by default for CT Image Storage (context 1, explicit
+    VR little endian); `contexts`: other Presentation Context items;
+    `pdu_length_error` corrupts its length."""
     application_context = _item(0x10, application_context_name)
-    abstract = _item(0x30, b"1.2.840.10008.5.1.4.1.1.2")
-    transfer = _item(0x40, b"1.2.840.10008.1.2.1")
-    presentation = _item(0x20, bytes([1, 0, 0, 0]) + abstract + transfer)
+    presentation = contexts or presentation_context(1, CT_IMAGE_STORAGE)
     user = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
     body = (
         struct.pack(">HH", protocol_version, 0)
