@@ -10,7 +10,7 @@ import select
 import socket
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pydicom
@@ -40,38 +40,27 @@ VERIFICATION = "1.2.840.10008.1.1"
 # The receivers here allow one association, and a new connection this long to associate.
 ACSE_TIMEOUT = 1.5
 
-MakeReceiver = Callable[..., Receiver]
-
 
 @pytest.fixture
-def make_receiver(tmp_path: Path) -> Iterator[MakeReceiver]:
-    """Start a receiver with these DicomSettings (one association, a short ACSE timeout)."""
-    started: list[tuple[Receiver, JobStore]] = []
-
-    def make(**settings: object) -> Receiver:
-        storage = Storage(tmp_path / "var")
-        store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db.sqlite3'}")
-        store.upgrade()
-        defaults: dict[str, object] = {"max_associations": 1, "acse_timeout_seconds": ACSE_TIMEOUT}
-        node = Receiver(
-            DicomSettings(port=free_port(), bind="127.0.0.1", **{**defaults, **settings}),
-            IntakeSettings(),
-            storage,
-            store,
-        )
-        node.start()
-        started.append((node, store))
-        return node
-
-    yield make
-    for node, store in started:
-        node.stop()
-        store.close()
-
-
-@pytest.fixture
-def receiver(make_receiver: MakeReceiver) -> Receiver:
-    return make_receiver()
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    storage = Storage(tmp_path / "var")
+    store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db.sqlite3'}")
+    store.upgrade()
+    node = Receiver(
+        DicomSettings(
+            port=free_port(),
+            bind="127.0.0.1",
+            max_associations=1,
+            acse_timeout_seconds=ACSE_TIMEOUT,
+        ),
+        IntakeSettings(),
+        storage,
+        store,
+    )
+    node.start()
+    yield node
+    node.stop()
+    store.close()
 
 
 def answer_to(port: int, request: bytes) -> bytes:
