@@ -63,10 +63,14 @@ def pixel_array(dataset: Dataset) -> np.ndarray:
     return dataset.pixel_array
 
 
-# Start-of-frame markers (ITU-T T.81, B.1.1.3): FFC0-FFCF but DHT, JPG and DAC. In
-# entropy-coded data an FF byte is followed only by 00 or a restart marker, so these
-# two bytes mark frame headers wherever they are found.
-_START_OF_FRAME = np.array([code for code in range(0xC0, 0xD0) if code not in (0xC4, 0xC8, 0xCC)])
+# Start-of-frame markers: FFC0-FFCF but DHT, JPG and DAC (ITU-T T.81, B.1.1.3), and
+# JPEG-LS's FFF7 (T.87), whose frame header has the same fields: a stream labelled
+# JPEG Lossless may still hold one, which pylibjpeg decodes. In entropy-coded data an
+# FF byte is followed only by 00 or a restart marker, so these two bytes mark frame
+# headers wherever they are found.
+_START_OF_FRAME = np.array(
+    [code for code in range(0xC0, 0xD0) if code not in (0xC4, 0xC8, 0xCC)] + [0xF7]
+)
 
 
 def check_frame_headers(dataset: Dataset) -> None:
