@@ -4,7 +4,14 @@ pydicom's own plugins for these transfer syntaxes took, per 512x512 12-bit CT sl
 (made with DCMTK's dcmcjpeg +e1), 3.8-5.9 ms of one core (GDCM) and 7.8 ms
 (pylibjpeg-libjpeg); libjpeg-turbo 1.3 ms, with the same values on all 30 chest slices.
 pydicom still checks and corrects (unused bits, sign) what the plugin returns. Without
-imagecodecs, or for a stream libjpeg-turbo refuses, pydicom's plugins decode as before.
+imagecodecs, or for a stream libjpeg-turbo refuses, pylibjpeg decodes it.
+
+GDCM decodes no JPEG (ITU-T T.81) stream here, lossless or not. Its IJG reader's
+warnings become C++ exceptions that nothing catches, so the process aborts: one stray
+byte between marker segments is enough (before SOS in a baseline JPEG; a libjpeg-turbo
+refusal plus such a byte, or a stream cut inside a DNL marker, which made it spin
+holding the GIL, in 68 of 17,435 fuzzed JPEG Lossless streams). pylibjpeg and Pillow
+answered all of these with an image or an ordinary exception.
 
 `frame_words` decodes the one frame of a file whose layout the receiver recorded,
 without parsing the file: the window table then does pydicom's corrections.
@@ -47,6 +54,9 @@ def _decode_frame(src: bytes, runner: DecodeRunner) -> bytes:
 
 for _syntax in SYNTAXES:
     get_decoder(_syntax).add_plugin(LABEL, (__name__, "_decode_frame"))
+for _syntax in (*SYNTAXES, uid.JPEGBaseline8Bit, uid.JPEGExtended12Bit):
+    if "gdcm" in get_decoder(_syntax).available_plugins:
+        get_decoder(_syntax).remove_plugin("gdcm")
 
 
 def pixel_array(dataset: Dataset) -> np.ndarray:
@@ -58,7 +68,7 @@ def pixel_array(dataset: Dataset) -> np.ndarray:
             dataset.pixel_array_options(decoding_plugin=LABEL)
             try:
                 return dataset.pixel_array
-            except Exception:  # the other plugins may still read it
+            except Exception:  # pylibjpeg may still read it
                 dataset.pixel_array_options(decoding_plugin="")
     return dataset.pixel_array
 

@@ -45,7 +45,7 @@ from models.preprocessing import (
     window,
 )
 from tests.dicom_data import made_jpeg_lossless, tiny_artifact
-from tests.peers import chest_ct
+from tests.peers import chest_ct, tool
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -216,7 +216,7 @@ def test_a_jpeg_stream_libjpeg_turbo_refuses_is_parsed(
     def refused(src: bytes) -> np.ndarray:
         raise imagecodecs.Jpeg8Error("refused")
 
-    # pydicom's other plugins (GDCM) then decode it, as for a file without a layout.
+    # pylibjpeg then decodes it, as for a file without a layout.
     monkeypatch.setattr(imagecodecs, "jpeg8_decode", refused)
     assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
 
@@ -516,14 +516,14 @@ def test_a_damaged_cache_only_costs_the_compilation(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("signed", [False, True])
-def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_gdcm(
+def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_pylibjpeg(
     signed: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     imagecodecs = pytest.importorskip("imagecodecs")
     # A 12-bit stream as DICOM stores signed values: the low 12 bits of each word.
     dataset = made_jpeg_lossless(_slice(signed, 12, (1.0, -1024.0)))
     stream = get_frame(dataset.PixelData, 0, number_of_frames=1)
-    by_gdcm = pixel_array(dataset, decoding_plugin="gdcm")
+    by_pylibjpeg = pixel_array(dataset, decoding_plugin="pylibjpeg")
     decoded = []
     decode = imagecodecs.jpeg8_decode
 
@@ -534,7 +534,7 @@ def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_gdcm(
 
     monkeypatch.setattr(imagecodecs, "jpeg8_decode", counted)
 
-    assert np.array_equal(jpeg_lossless.pixel_array(dataset), by_gdcm)
+    assert np.array_equal(jpeg_lossless.pixel_array(dataset), by_pylibjpeg)
     assert decoded == [stream]
 
 
@@ -586,6 +586,56 @@ def test_a_jpeg_frame_header_that_contradicts_its_data_set_reaches_no_decoder(
     # Through the layout: libjpeg-turbo refuses it or decodes another size; then parsed.
     with pytest.raises(ValueError, match="a JPEG frame header says"):
         tensor_from_layout(path, layout, SMALL)
+
+
+def _stray_byte_before_scan(dataset: Dataset, refused_by_libjpeg_turbo: bool) -> Dataset:
+    """`dataset` (JPEG) with a 00 byte before its scan header; libjpeg-turbo can be made
+    to refuse it with a successive-approximation bit (Ah = 1), which GDCM reads."""
+    stream = bytearray(get_frame(dataset.PixelData, 0, number_of_frames=1))
+    scan = stream.index(b"\xff\xda")
+    if refused_by_libjpeg_turbo:
+        stream[scan + 9] |= 0x10  # Ah, after Ls, Ns, one component's two bytes, Ss, Se
+    stream[scan:scan] = b"\x00"
+    dataset.PixelData = encapsulate([bytes(stream)])
+    dataset["PixelData"].is_undefined_length = True
+    return dataset
+
+
+@pytest.mark.parametrize("lossless", [False, True], ids=["baseline", "lossless"])
+def test_a_stray_byte_between_jpeg_segments_does_not_abort_the_process(
+    tmp_path: Path, lossless: bool
+) -> None:
+    """GDCM aborted the process on these (an uncaught C++ exception); it decodes no JPEG
+    now. A baseline slice is then read by Pillow; the lossless one, which libjpeg-turbo
+    refuses, by pylibjpeg, or refused with an ordinary exception."""
+    source = sorted(chest_ct().glob("*.dcm"))[0]
+    if lossless:
+        dataset = made_jpeg_lossless(pydicom.dcmread(source))
+    else:
+        encoded = tmp_path / "baseline.dcm"
+        subprocess.run([tool("dcmcjpeg"), "+eb", str(source), str(encoded)], check=True)
+        dataset = pydicom.dcmread(encoded)
+    path = tmp_path / "stray.dcm"
+    _stray_byte_before_scan(dataset, refused_by_libjpeg_turbo=lossless).save_as(path)
+    script = (
+        "import sys, pydicom\n"
+        "from models.manifest import Preprocessing\n"
+        "from models.preprocessing import tensor_from_dataset\n"
+        "try:\n"
+        "    tensor_from_dataset(pydicom.dcmread(sys.argv[1]), Preprocessing(40.0, 400.0))\n"
+        "    print('decoded')\n"
+        "except Exception as error:\n"
+        "    print('refused', type(error).__name__)\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout.startswith("decoded" if not lossless else ("decoded", "refused"))
 
 
 def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
