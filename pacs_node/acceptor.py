@@ -612,18 +612,22 @@ class _AssociationThread:
         return int(pdu_type), int(length)
 
     def _read_exact(self, length: int, deadline: float | None = None) -> bytes:
-        """`length` bytes, held as they arrive; by `deadline` (monotonic) if given."""
-        data = bytearray()
-        while len(data) < length:
+        """`length` bytes, by `deadline` (monotonic) if given. Memory grows with what
+        arrives, one piece at a time: a long announced length costs nothing until sent."""
+        data = bytearray(min(length, _READ_PIECE_BYTES))
+        received = 0
+        while received < length:
+            if received == len(data):
+                data.extend(bytes(min(length - received, _READ_PIECE_BYTES)))
             if deadline is not None:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     raise TimeoutError("ARTIM expired")
                 self.connection.settimeout(left)
-            piece = self.connection.recv(min(length - len(data), _READ_PIECE_BYTES))
-            if not piece:
+            count = self.connection.recv_into(memoryview(data)[received:])
+            if not count:
                 raise PeerClosedError("connection closed inside a PDU")
-            data += piece
+            received += count
         return bytes(data)
 
     def _abort(self, reason: int) -> None:
