@@ -242,9 +242,7 @@ class Receiver:
             return self.storage.incoming_file(header)
         return ready.result().start(header)
 
-    def read_received(
-        self, path: Path, size: int, transfer_syntax: str
-    ) -> Future[ReadInstance]:
+    def read_received(self, path: Path, size: int, transfer_syntax: str) -> Future[ReadInstance]:
         """Read a received data set's header (see `read_instance`) on another thread."""
         return self._readers.submit(read_instance, path, size, transfer_syntax, self.intake)
 
