@@ -149,6 +149,8 @@ class PeerClosedError(Exception):
 
 @dataclass(frozen=True)
 class AcceptorSettings:
+    # The only Called AE Title accepted; None accepts any.
+    called_ae_title: str | None
     max_associations: int
     acse_timeout_seconds: float
     network_timeout_seconds: float
@@ -418,6 +420,10 @@ class _AssociationThread:
             return 1, 2, 2, "protocol version not supported"
         if str(request.application_context_name) != APPLICATION_CONTEXT:
             return 1, 1, 2, "application context name not supported"
+        called_ae = request.called_ae_title.strip()
+        expected = self.settings.called_ae_title
+        if expected is not None and called_ae != expected:
+            return 1, 1, 7, f"called AE title {called_ae!r} is not this node's ({expected})"
         refusal = self.acceptor.service.refusal(calling_ae, self.address[0])
         if refusal is not None:
             return 1, 1, 3, refusal

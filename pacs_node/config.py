@@ -79,6 +79,8 @@ class TlsSettings(Section):
 
 class DicomSettings(Section):
     ae_title: str = "PACSNODE"
+    # True: an association request must call ae_title.
+    check_called_ae_title: bool = False
     port: int = Field(default=11112, ge=1, le=65535)
     bind: str = "0.0.0.0"
     # Empty: any calling AE may associate.

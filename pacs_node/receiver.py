@@ -127,6 +127,7 @@ class Receiver:
 
     def start(self) -> None:
         settings = AcceptorSettings(
+            called_ae_title=self.dicom.ae_title if self.dicom.check_called_ae_title else None,
             max_associations=self.dicom.max_associations,
             acse_timeout_seconds=self.dicom.acse_timeout_seconds,
             network_timeout_seconds=self.dicom.network_timeout_seconds,

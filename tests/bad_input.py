@@ -141,6 +141,7 @@ def association_request(
     protocol_version: int = 1,
     application_context_name: bytes = b"1.2.840.10008.3.1.1.1",
     contexts: bytes | None = None,
+    called_ae: str = "PACSNODE",
 ) -> bytes:
     """A minimal A-ASSOCIATE-RQ, by default for CT Image Storage (context 1, explicit
     VR little endian); `contexts`: other Presentation Context items;
@@ -150,7 +151,7 @@ def association_request(
     user = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
     body = (
         struct.pack(">HH", protocol_version, 0)
-        + b"PACSNODE".ljust(16)
+        + called_ae.encode().ljust(16)
         + calling_ae.encode().ljust(16)
         + b"\0" * 32
         + application_context

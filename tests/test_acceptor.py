@@ -11,6 +11,7 @@ import socket
 import struct
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pydicom
@@ -41,10 +42,11 @@ VERIFICATION = "1.2.840.10008.1.1"
 ACSE_TIMEOUT = 1.5
 
 
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[Receiver]:
-    storage = Storage(tmp_path / "var")
-    store = JobStore(f"sqlite:///{tmp_path / 'var' / 'db.sqlite3'}")
+@contextmanager
+def running_receiver(folder: Path, check_called_ae_title: bool = False) -> Iterator[Receiver]:
+    """A receiver allowing one association, and a new connection ACSE_TIMEOUT to associate."""
+    storage = Storage(folder / "var")
+    store = JobStore(f"sqlite:///{folder / 'var' / 'db.sqlite3'}")
     store.upgrade()
     node = Receiver(
         DicomSettings(
@@ -52,15 +54,24 @@ def receiver(tmp_path: Path) -> Iterator[Receiver]:
             bind="127.0.0.1",
             max_associations=1,
             acse_timeout_seconds=ACSE_TIMEOUT,
+            check_called_ae_title=check_called_ae_title,
         ),
         IntakeSettings(),
         storage,
         store,
     )
     node.start()
-    yield node
-    node.stop()
-    store.close()
+    try:
+        yield node
+    finally:
+        node.stop()
+        store.close()
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    with running_receiver(tmp_path) as node:
+        yield node
 
 
 def answer_to(port: int, request: bytes) -> bytes:
@@ -247,6 +258,22 @@ def test_a_malformed_presentation_context_is_aborted_and_keeps_no_association_sl
     for _ in range(3):  # more than max_associations (1)
         assert answer_to(receiver.port, request) == a_abort(6)
     associate(receiver.port, ct_slice()).release()
+
+
+@pytest.mark.parametrize("check", [False, True], ids=["any called AE", "checked"])
+def test_the_called_ae_title_is_checked_when_asked(tmp_path: Path, check: bool) -> None:
+    with running_receiver(tmp_path, check_called_ae_title=check) as node:
+        with raw_connection(node.port) as connection:
+            connection.sendall(association_request("SENDER", called_ae="ELSEWHERE"))
+            pdu_type, body = read_pdu(connection)
+            if check:
+                # A-ASSOCIATE-RJ: permanent, by the service user, called AE title not recognized.
+                assert (pdu_type, body) == (0x03, bytes([0, 1, 1, 7]))
+            else:
+                assert pdu_type == 0x02  # A-ASSOCIATE-AC
+                connection.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+                assert read_pdu(connection)[0] == 0x06  # A-RELEASE-RP
+        associate(node.port, ct_slice()).release()  # calling PACSNODE is always accepted
 
 
 def test_an_a_abort_instead_of_a_request_is_answered_by_closing(receiver: Receiver) -> None:
