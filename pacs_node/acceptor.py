@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
@@ -647,18 +647,21 @@ def _unexpected(pdu_type: int) -> int:
 
 
 def _decode_request(pdu: bytes) -> A_ASSOCIATE:
-    """Decode an A-ASSOCIATE-RQ, refusing one whose items do not fill it exactly."""
+    """Decode an A-ASSOCIATE-RQ, refusing one whose items do not fill it exactly.
+
+    Items and sub-items of types this node does not know are skipped, as PS3.8
+    9.3.1 asks ("items of unrecognized types shall be ignored and skipped"; for
+    user information sub-items also Annex D.2), before pynetdicom, which would
+    refuse them, decodes the rest.
+    """
     # Fixed fields are 68 bytes after the PDU header; items follow (PS3.8 9.3.2).
-    offset = 6 + 68
-    while offset < len(pdu):
-        if offset + 4 > len(pdu):
-            raise ProtocolError("A-ASSOCIATE-RQ item header cut short", _INVALID_PARAMETER)
-        offset += 4 + int.from_bytes(pdu[offset + 2 : offset + 4], "big")
-    if offset != len(pdu):
-        raise ProtocolError("malformed A-ASSOCIATE-RQ", _INVALID_PARAMETER)
+    fixed = 6 + 68
+    items = b"".join(_known_items(pdu[fixed:], _REQUEST_ITEMS))
     decoded = A_ASSOCIATE_RQ()
     try:
-        decoded.decode(pdu)
+        decoded.decode(
+            _PDU_HEADER.pack(_ASSOCIATE_RQ, fixed - 6 + len(items)) + pdu[6:fixed] + items
+        )
         request = decoded.to_primitive()
     except Exception as error:  # pynetdicom asserts, or raises various errors
         raise ProtocolError(
@@ -666,6 +669,53 @@ def _decode_request(pdu: bytes) -> A_ASSOCIATE:
         ) from error
     _check_contexts(request.presentation_context_definition_list)
     return request
+
+
+class _Item(NamedTuple):
+    """An item type that holds sub-items: the bytes before them, and their known types."""
+
+    head: int
+    sub_items: Mapping[int, _Item | None]
+
+
+# Item types of an A-ASSOCIATE-RQ (PS3.8 9.3.2, Annex D; PS3.7 Annex D.3.3); None: an
+# item without sub-items.
+_REQUEST_ITEMS: Mapping[int, _Item | None] = {
+    0x10: None,  # application context
+    0x20: _Item(4, {0x30: None, 0x40: None}),  # presentation context: abstract, transfer
+    # user information: maximum length, implementation class UID, asynchronous operations
+    # window, role selection, implementation version name, SOP class extended and common
+    # extended negotiation, user identity
+    0x50: _Item(0, dict.fromkeys(range(0x51, 0x59))),
+}
+
+
+def _known_items(data: bytes, known: Mapping[int, _Item | None]) -> list[bytes]:
+    """The items in `data` whose types are in `known`, each with only its known
+    sub-items (lengths rewritten); `ProtocolError` if the items do not fill `data`."""
+    kept = []
+    offset = 0
+    while offset < len(data):
+        if offset + 4 > len(data):
+            raise ProtocolError("A-ASSOCIATE-RQ item header cut short", _INVALID_PARAMETER)
+        item_type = data[offset]
+        end = offset + 4 + int.from_bytes(data[offset + 2 : offset + 4], "big")
+        if end > len(data):
+            raise ProtocolError("malformed A-ASSOCIATE-RQ", _INVALID_PARAMETER)
+        if item_type in known:
+            value = data[offset + 4 : end]
+            layout = known[item_type]
+            if layout is not None:
+                value = value[: layout.head] + b"".join(
+                    _known_items(value[layout.head :], layout.sub_items)
+                )
+            kept.append(struct.pack(">BBH", item_type, 0, len(value)) + value)
+        else:
+            log.debug(
+                "unrecognized A-ASSOCIATE-RQ item skipped", extra={"reason": f"0x{item_type:02X}"}
+            )
+        offset = end
+    return kept
 
 
 def _check_contexts(contexts: Sequence[PresentationContext]) -> None:

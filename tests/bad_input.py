@@ -129,10 +129,10 @@ def presentation_context(
     context_id: int, abstract: bytes | None, transfer: bytes | None = EXPLICIT_VR_LITTLE_ENDIAN
 ) -> bytes:
     """A Presentation Context item of an A-ASSOCIATE-RQ; None leaves a sub-item out."""
-    items = (_item(0x30, abstract) if abstract else b"") + (
-        _item(0x40, transfer) if transfer else b""
+    items = (item(0x30, abstract) if abstract else b"") + (
+        item(0x40, transfer) if transfer else b""
     )
-    return _item(0x20, bytes([context_id, 0, 0, 0]) + items)
+    return item(0x20, bytes([context_id, 0, 0, 0]) + items)
 
 
 def association_request(
@@ -142,13 +142,16 @@ def association_request(
     application_context_name: bytes = b"1.2.840.10008.3.1.1.1",
     contexts: bytes | None = None,
     called_ae: str = "PACSNODE",
+    user_sub_items: bytes = b"",
+    last_items: bytes = b"",
 ) -> bytes:
     """A minimal A-ASSOCIATE-RQ, by default for CT Image Storage (context 1, explicit
-    VR little endian); `contexts`: other Presentation Context items;
+    VR little endian); `contexts`: other Presentation Context items; `user_sub_items`
+    follow the maximum length in the User Information item, `last_items` follow it;
     `pdu_length_error` corrupts its length."""
-    application_context = _item(0x10, application_context_name)
+    application_context = item(0x10, application_context_name)
     presentation = contexts or presentation_context(1, CT_IMAGE_STORAGE)
-    user = _item(0x50, _item(0x51, struct.pack(">I", 16384)))
+    user = item(0x50, item(0x51, struct.pack(">I", 16384)) + user_sub_items)
     body = (
         struct.pack(">HH", protocol_version, 0)
         + called_ae.encode().ljust(16)
@@ -157,11 +160,13 @@ def association_request(
         + application_context
         + presentation
         + user
+        + last_items
     )
     return struct.pack(">BBI", 0x01, 0, len(body) + pdu_length_error) + body
 
 
-def _item(kind: int, value: bytes) -> bytes:
+def item(kind: int, value: bytes) -> bytes:
+    """An item (or sub-item) of an A-ASSOCIATE PDU: type, reserved byte, length, value."""
     return struct.pack(">BBH", kind, 0, len(value)) + value
 
 

@@ -29,6 +29,7 @@ from tests.bad_input import (
     closed_by_peer,
     ct_slice,
     encoded,
+    item,
     presentation_context,
     raw_connection,
 )
@@ -239,6 +240,61 @@ def test_responses_are_fragmented_to_the_peer_maximum_pdu(receiver: Receiver) ->
 
 
 # --- negotiation: malformed requests, ARTIM, connections that never associate -----
+
+
+UNKNOWN_ITEM = item(0x7E, b"not a DICOM item")
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        association_request("UNKNOWN", last_items=UNKNOWN_ITEM),
+        association_request("UNKNOWN", user_sub_items=UNKNOWN_ITEM),
+        association_request(
+            "UNKNOWN",
+            contexts=item(
+                0x20,
+                bytes([1, 0, 0, 0])
+                + item(0x30, CT_IMAGE_STORAGE.encode())
+                + UNKNOWN_ITEM
+                + item(0x40, ExplicitVRLittleEndian.encode()),
+            ),
+        ),
+    ],
+    ids=["item", "user information sub-item", "presentation context sub-item"],
+)
+def test_items_of_unrecognized_types_are_skipped(receiver: Receiver, request_bytes: bytes) -> None:
+    """PS3.8 9.3.1: "Items of unrecognized types shall be ignored and skipped"."""
+    with raw_connection(receiver.port) as connection:
+        connection.sendall(request_bytes)
+        pdu_type, body = read_pdu(connection)
+        assert pdu_type == 0x02  # A-ASSOCIATE-AC
+        assert context_results(body) == {1: 0}  # CT Image Storage accepted
+        connection.sendall(bytes([0x05, 0, 0, 0, 0, 4, 0, 0, 0, 0]))
+        assert read_pdu(connection)[0] == 0x06  # A-RELEASE-RP
+
+
+def test_a_sub_item_longer_than_its_item_is_aborted(receiver: Receiver) -> None:
+    abstract_syntax = struct.pack(">BBH", 0x30, 0, 200) + CT_IMAGE_STORAGE.encode()  # 200: no
+    contexts = item(0x20, bytes([1, 0, 0, 0]) + abstract_syntax)
+    assert answer_to(receiver.port, association_request("OVERLONG", contexts=contexts)) == (
+        a_abort(6)
+    )
+
+
+def context_results(associate_ac_body: bytes) -> dict[int, int]:
+    """Presentation context ID -> result of each context in an A-ASSOCIATE-AC."""
+    results = {}
+    offset = 68  # the fixed fields after the PDU header (PS3.8 9.3.3)
+    while offset < len(associate_ac_body):
+        kind, length = (
+            associate_ac_body[offset],
+            struct.unpack(">H", associate_ac_body[offset + 2 : offset + 4])[0],
+        )
+        if kind == 0x21:
+            results[associate_ac_body[offset + 4]] = associate_ac_body[offset + 6]
+        offset += 4 + length
+    return results
 
 
 @pytest.mark.parametrize(
