@@ -20,7 +20,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE
 
 from pacs_node.acceptor import IMPLEMENTATION_CLASS_UID, IMPLEMENTATION_VERSION_NAME
-from pacs_node.config import DicomSettings, IntakeSettings
+from pacs_node.config import DicomSettings, IntakeSettings, TlsSettings
 from pacs_node.receiver import Receiver
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore
@@ -33,6 +33,7 @@ from tests.bad_input import (
     presentation_context,
     raw_connection,
 )
+from tests.certificates import make_certificates
 from tests.peers import free_port
 from tests.scu import associate
 
@@ -44,7 +45,9 @@ ACSE_TIMEOUT = 1.5
 
 
 @contextmanager
-def running_receiver(folder: Path, check_called_ae_title: bool = False) -> Iterator[Receiver]:
+def running_receiver(
+    folder: Path, check_called_ae_title: bool = False, tls: TlsSettings | None = None
+) -> Iterator[Receiver]:
     """A receiver allowing one association, and a new connection ACSE_TIMEOUT to associate."""
     storage = Storage(folder / "var")
     store = JobStore(f"sqlite:///{folder / 'var' / 'db.sqlite3'}")
@@ -56,6 +59,7 @@ def running_receiver(folder: Path, check_called_ae_title: bool = False) -> Itera
             max_associations=1,
             acse_timeout_seconds=ACSE_TIMEOUT,
             check_called_ae_title=check_called_ae_title,
+            tls=tls or TlsSettings(),
         ),
         IntakeSettings(),
         storage,
@@ -341,6 +345,35 @@ def test_an_unknown_pdu_type_is_aborted_as_unrecognized(receiver: Receiver, pdu_
     pdu = bytes([pdu_type, 0, 0, 0, 0, 4, 0, 0, 0, 0])
     assert answer_to(receiver.port, pdu) == a_abort(1)
     assert abort_after(receiver.port, pdu) == a_abort(1)
+
+
+def test_a_tls_handshake_trickled_past_the_acse_timeout_is_closed(tmp_path: Path) -> None:
+    """ARTIM covers the TLS handshake too: a peer that sends its ClientHello a byte at a
+    time is closed ACSE_TIMEOUT after it connected (CPython's do_handshake takes the
+    socket's timeout for the whole handshake, not for each read)."""
+    certificates = make_certificates(tmp_path / "tls")
+    tls = TlsSettings(
+        certificate=certificates.server_certificate, private_key=certificates.server_key
+    )
+    # A handshake record announcing 512 bytes: the TLS library reads all of it first.
+    record = bytes([0x16, 0x03, 0x01, 0x02, 0x00, 0x01]) + bytes(511)
+    with running_receiver(tmp_path, tls=tls) as node, raw_connection(node.port) as connection:
+        started = time.monotonic()
+        closed = False
+        for byte in record:
+            if time.monotonic() - started > ACSE_TIMEOUT + 3:
+                break
+            try:
+                connection.sendall(bytes([byte]))
+                if select.select([connection], [], [], 0.1)[0]:
+                    closed = connection.recv(16) == b""
+                    break
+            except ConnectionResetError:
+                closed = True
+                break
+        elapsed = time.monotonic() - started
+    assert closed, f"still open after {elapsed:.1f} s"
+    assert elapsed < ACSE_TIMEOUT + 1
 
 
 def test_a_request_trickled_past_the_acse_timeout_is_closed(receiver: Receiver) -> None:
