@@ -147,7 +147,7 @@ def association_request(
 ) -> bytes:
     """A minimal A-ASSOCIATE-RQ, by default for CT Image Storage (context 1, explicit
     VR little endian); `contexts`: other Presentation Context items; `user_sub_items`
-    follow the maximum length in the User Information item, `last_items` follow it;
+    follow the maximum length in the User Information item, `last_items` follow that item;
     `pdu_length_error` corrupts its length."""
     application_context = item(0x10, application_context_name)
     presentation = contexts or presentation_context(1, CT_IMAGE_STORAGE)
