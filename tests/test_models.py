@@ -19,16 +19,19 @@ import torch
 import torch.nn.functional as functional
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
+from pydicom.pixels.decoders.base import get_decoder
 from pydicom.pixels.utils import pixel_array
 from pydicom.uid import (
+    JPEG2000,
     UID,
     ExplicitVRBigEndian,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
+    JPEG2000Lossless,
     RLELossless,
 )
 
-from models import jpeg_lossless, onnx_network, preprocessing, resample
+from models import decoder_guard, jpeg_lossless, onnx_network, preprocessing, resample
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
@@ -538,11 +541,13 @@ def test_jpeg_lossless_is_decoded_by_libjpeg_turbo_as_by_pylibjpeg(
     assert decoded == [stream]
 
 
-def _frame_header_changed(dataset: Dataset, marker: int = 0xC3, **changes: int) -> Dataset:
-    """`dataset` (JPEG Lossless) with fields of its stream's frame header (SOF3) changed,
-    and its marker made `marker`."""
+def _frame_header_changed(
+    dataset: Dataset, marker: int = 0xC3, found: int = 0xC3, **changes: int
+) -> Dataset:
+    """`dataset` (JPEG Lossless, or JPEG-LS with `found` 0xF7) with fields of its stream's
+    frame header changed, and its marker made `marker`."""
     stream = bytearray(get_frame(dataset.PixelData, 0, number_of_frames=1))
-    start = stream.index(b"\xff\xc3") + 4  # after the marker and the length
+    start = stream.index(bytes([0xFF, found])) + 4  # after the marker and the length
     stream[start - 3] = marker
     fields = {"precision": (0, 1), "height": (1, 3), "width": (3, 5), "components": (5, 6)}
     for name, value in changes.items():
@@ -551,6 +556,17 @@ def _frame_header_changed(dataset: Dataset, marker: int = 0xC3, **changes: int) 
     dataset.PixelData = encapsulate([bytes(stream)], fragments_per_frame=2)
     dataset["PixelData"].is_undefined_length = True
     return dataset
+
+
+def _refused_before_any_decoder(
+    dataset: Dataset, match: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_decoding(self: Dataset) -> np.ndarray:
+        raise AssertionError("a decoder was reached")
+
+    monkeypatch.setattr(Dataset, "pixel_array", property(no_decoding))
+    with pytest.raises(ValueError, match=match):
+        tensor_from_dataset(dataset, SMALL)
 
 
 @pytest.mark.parametrize(
@@ -577,14 +593,134 @@ def test_a_jpeg_frame_header_that_contradicts_its_data_set_reaches_no_decoder(
     layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
     assert layout is not None
 
-    def no_decoding(self: Dataset) -> np.ndarray:
-        raise AssertionError("a decoder was reached")
-
-    monkeypatch.setattr(Dataset, "pixel_array", property(no_decoding))
-    with pytest.raises(ValueError, match="a JPEG frame header says"):
-        tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    _refused_before_any_decoder(pydicom.dcmread(path), "a JPEG frame header says", monkeypatch)
     # Through the layout: libjpeg-turbo refuses it or decodes another size; then parsed.
     with pytest.raises(ValueError, match="a JPEG frame header says"):
+        tensor_from_layout(path, layout, SMALL)
+
+
+def _jpeg_ls(folder: Path) -> Dataset:
+    """The first chest slice made JPEG-LS lossless by DCMTK's dcmcjpls."""
+    encoded = folder / "jpeg-ls.dcm"
+    source = sorted(chest_ct().glob("*.dcm"))[0]
+    subprocess.run([tool("dcmcjpls"), str(source), str(encoded)], check=True)
+    return pydicom.dcmread(encoded)
+
+
+def _jpeg_2000() -> Dataset:
+    """The first chest slice made JPEG 2000 lossless by OpenJPEG (pylibjpeg-openjpeg)."""
+    dataset = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    dataset.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
+    return dataset
+
+
+# After SOC and the SIZ marker: where each field of the SIZ segment lies, and its size.
+_SIZ_FIELDS = {"Xsiz": (4, 4), "XTsiz": (20, 4), "Csiz": (36, 2), "Ssiz": (38, 1), "XRsiz": (39, 1)}
+
+
+def _siz_changed(dataset: Dataset, **changes: int) -> Dataset:
+    stream = bytearray(get_frame(dataset.PixelData, 0, number_of_frames=1))
+    assert stream[:4] == b"\xff\x4f\xff\x51"
+    for name, value in changes.items():
+        offset, size = _SIZ_FIELDS[name]
+        stream[4 + offset : 4 + offset + size] = value.to_bytes(size, "big")
+    dataset.PixelData = encapsulate([bytes(stream)])
+    dataset["PixelData"].is_undefined_length = True
+    return dataset
+
+
+def test_jpeg_ls_and_jpeg_2000_slices_decode_as_the_uncompressed_one(tmp_path: Path) -> None:
+    source = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    expected = tensor_from_dataset(source, SMALL)
+    for compressed in (_jpeg_ls(tmp_path), _jpeg_2000()):
+        assert torch.equal(tensor_from_dataset(compressed, SMALL), expected)
+
+
+def test_gdcm_decodes_no_jpeg_jpeg_ls_or_jpeg_2000() -> None:
+    """It aborted or segfaulted the process on damaged streams of all three (fuzzing).
+    Put back as pydicom registers it, it is taken off again, installed or not."""
+    syntaxes = decoder_guard.JPEG_SYNTAXES | {JPEG2000Lossless, JPEG2000}
+    for syntax in syntaxes:
+        get_decoder(syntax).add_plugin("gdcm", ("pydicom.pixels.decoders.gdcm", "_decode_frame"))
+
+    decoder_guard.take_gdcm_off()
+
+    for syntax in syntaxes:
+        with pytest.raises(ValueError, match="no such plugin"):
+            get_decoder(syntax).remove_plugin("gdcm")
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"width": 0},  # GDCM segfaulted
+        {"precision": 17},  # GDCM aborted
+        {"height": 65535, "width": 65535},  # GDCM aborted; pylibjpeg ran past 20 s
+        {"components": 3},
+    ],
+)
+def test_a_jpeg_ls_frame_header_that_contradicts_its_data_set_reaches_no_decoder(
+    changes: dict[str, int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = _frame_header_changed(_jpeg_ls(tmp_path), marker=0xF7, found=0xF7, **changes)
+    _refused_before_any_decoder(dataset, "a JPEG frame header says", monkeypatch)
+
+
+@pytest.mark.parametrize(
+    ("siz", "data_set"),
+    [
+        ({"Ssiz": 37}, {}),  # precision 38: GDCM aborted
+        ({}, {"Rows": 1024}),  # GDCM aborted
+        ({}, {"SamplesPerPixel": 3}),  # GDCM aborted
+        ({"Xsiz": 0}, {}),
+    ],
+)
+def test_a_jpeg_2000_size_that_contradicts_its_data_set_reaches_no_decoder(
+    siz: dict[str, int], data_set: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = _siz_changed(_jpeg_2000(), **siz)
+    for keyword, value in data_set.items():
+        setattr(dataset, keyword, value)
+    _refused_before_any_decoder(dataset, "a JPEG 2000 SIZ marker says", monkeypatch)
+
+
+@pytest.mark.parametrize("siz", [{"XTsiz": 0}, {"XRsiz": 0}, {"Csiz": 2}])
+def test_a_malformed_jpeg_2000_size_segment_reaches_no_decoder(
+    siz: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dataset = _siz_changed(_jpeg_2000(), **siz)
+    _refused_before_any_decoder(dataset, "a JPEG 2000 SIZ marker", monkeypatch)
+
+
+def _cut_short(dataset: Dataset) -> Dataset:
+    """`dataset` with its one frame cut in half, in fragments that are still whole."""
+    stream = get_frame(dataset.PixelData, 0, number_of_frames=1)
+    dataset.PixelData = encapsulate([stream[: len(stream) // 2]])
+    dataset["PixelData"].is_undefined_length = True
+    return dataset
+
+
+@pytest.mark.parametrize("compression", ["jpeg lossless", "jpeg-ls", "jpeg 2000"])
+def test_a_compressed_frame_cut_short_reaches_no_decoder(
+    compression: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cut in half, such streams were decoded without an error into a whole image, its
+    missing half made up (libjpeg-turbo, pylibjpeg)."""
+    source = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    compressed = {
+        "jpeg lossless": lambda: made_jpeg_lossless(source),
+        "jpeg-ls": lambda: _jpeg_ls(tmp_path),
+        "jpeg 2000": _jpeg_2000,
+    }[compression]()
+    _refused_before_any_decoder(_cut_short(compressed), "cut short", monkeypatch)
+
+
+def test_a_jpeg_lossless_frame_cut_short_is_refused_through_its_layout(tmp_path: Path) -> None:
+    source = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    path = _saved(_cut_short(made_jpeg_lossless(source)), tmp_path / "cut.dcm")
+    layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
+    assert layout is not None and layout.encoding == JPEG_LOSSLESS
+    with pytest.raises(ValueError, match="cut short"):
         tensor_from_layout(path, layout, SMALL)
 
 
