@@ -90,8 +90,9 @@ def is_complete(frame: bytes) -> bool:
     both FFD9), after any padding. Cut short, libjpeg-turbo and pylibjpeg still return
     a whole image, its missing part made up, without an error (fuzzing: 298 of 450
     JPEG-LS streams cut at random; libjpeg-turbo on JPEG Lossless cut in half)."""
-    # FF D9 cannot occur inside entropy-coded or packet data, so it marks the end.
-    return frame.rstrip(b"\x00\xff").endswith(b"\xff\xd9")
+    # FF D9 cannot occur inside entropy-coded or packet data, so it marks the end. Only
+    # the tail is read: padding is one byte (PS3.5 A.4), a few at most.
+    return frame[-64:].rstrip(b"\x00\xff").endswith(b"\xff\xd9")
 
 
 def _check_jpeg(fragments: list[bytes], expected: tuple[int, int, int]) -> None:
