@@ -17,8 +17,9 @@ pylibjpeg, though, allocated memory until the kernel killed the process on a
 frame height of 0, and hung holding the GIL on a JPEG-LS frame of height 0 or of
 65535 x 65535 in a 512 x 512 data set (30 of the 7,020). `check` reads the frame
 headers of encapsulated pixel data, without decoding, and raises ValueError on any
-that a well-formed file cannot have, or on a frame cut short. Every one of those
-crashes and hangs is refused by it.
+that a well-formed file cannot have, on a frame cut short, or on one that would
+decode to more than MAX_DECODED_PIXELS. Every one of those crashes and hangs is
+refused by it.
 """
 
 from __future__ import annotations
@@ -45,6 +46,9 @@ JPEG_2000_SYNTAXES = frozenset(uid.JPEG2000TransferSyntaxes)
 _START_OF_FRAME = np.array(
     [code for code in range(0xC0, 0xD0) if code not in (0xC4, 0xC8, 0xCC)] + [0xF7]
 )
+# A few kilobytes of stream can declare 65535 x 65535 pixels: 8 GiB for the decoders to
+# fill. CT slices are 512 x 512, rarely 2048 x 2048; this is four times the latter.
+MAX_DECODED_PIXELS = 4096 * 4096
 _SOC_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the SIZ marker
 # After the SIZ marker: Lsiz, Rsiz, Xsiz, Ysiz, XOsiz, YOsiz, XTsiz, YTsiz, XTOsiz,
 # YTOsiz, Csiz; then Ssiz, XRsiz, YRsiz for each component (ISO/IEC 15444-1 A.5.1).
@@ -63,16 +67,22 @@ take_gdcm_off()
 
 
 def check(dataset: Dataset) -> None:
-    """Raise ValueError if a frame header of `dataset`'s compressed pixel data gives
-    another size than Rows x Columns, other than SamplesPerPixel components, or a
-    precision outside what its standard and 16-bit DICOM pixels allow; or if the
-    last frame is cut short. Does nothing for other transfer syntaxes, or where Rows
-    or Columns is missing (pydicom then refuses to decode, and says so)."""
+    """Raise ValueError if `dataset`'s compressed pixel data would decode to more than
+    MAX_DECODED_PIXELS pixels; if a frame header gives another size than Rows x
+    Columns, other than SamplesPerPixel components, or a precision outside what its
+    standard and 16-bit DICOM pixels allow; or if the last frame is cut short. Does
+    nothing for other transfer syntaxes, or where Rows or Columns is missing (pydicom
+    then refuses to decode, and says so)."""
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
     if not isinstance(rows, int) or not isinstance(columns, int):
         return
     expected = (rows, columns, int(dataset.get("SamplesPerPixel", 1)))
+    if syntax in JPEG_SYNTAXES | JPEG_2000_SYNTAXES and rows * columns > MAX_DECODED_PIXELS:
+        raise ValueError(
+            f"{rows}x{columns} pixels: more than the {MAX_DECODED_PIXELS} a compressed "
+            "frame may decode to here"
+        )
     if syntax in JPEG_SYNTAXES:
         fragments = _readable_fragments(dataset.PixelData)
         _check_jpeg(fragments, expected)

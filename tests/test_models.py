@@ -692,6 +692,16 @@ def test_a_malformed_jpeg_2000_size_segment_reaches_no_decoder(
     _refused_before_any_decoder(dataset, "a JPEG 2000 SIZ marker", monkeypatch)
 
 
+def test_a_compressed_slice_of_65535_by_65535_pixels_reaches_no_decoder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its data set and frame header agree, so only the size stops it: the decoders
+    would fill 8 GiB from a few kilobytes of stream (fuzzing)."""
+    dataset = _frame_header_changed(_jpeg_ls(tmp_path), 0xF7, 0xF7, height=65535, width=65535)
+    dataset.Rows = dataset.Columns = 65535
+    _refused_before_any_decoder(dataset, "more than the 16777216", monkeypatch)
+
+
 def _cut_short(dataset: Dataset) -> Dataset:
     """`dataset` with its one frame cut in half, in fragments that are still whole."""
     stream = get_frame(dataset.PixelData, 0, number_of_frames=1)
