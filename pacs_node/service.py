@@ -307,7 +307,7 @@ class Node:
             thread.join()
         if self.store is not None:
             self.store.close()
-        log.info("pacs-node stopped", extra={"action": "stop"})
+        log.info(f"pacs-node stopped: stages {','.join(self.stages)}", extra={"action": "stop"})
 
     def _watch_infer_process(self) -> None:
         """Restart a crashed infer process: receiving alone would only fill the queue."""
