@@ -38,6 +38,7 @@ JPEG_SYNTAXES = frozenset(uid.JPEGTransferSyntaxes + uid.JPEGLSTransferSyntaxes)
 # ISO/IEC 15444 codestreams, HTJ2K's too: an image and tile size (SIZ) marker segment
 # after SOC.
 JPEG_2000_SYNTAXES = frozenset(uid.JPEG2000TransferSyntaxes)
+GUARDED_SYNTAXES = JPEG_SYNTAXES | JPEG_2000_SYNTAXES
 # Start-of-frame markers: FFC0-FFCF but DHT, JPG and DAC (ITU-T T.81, B.1.1.3), and
 # JPEG-LS's FFF7 (T.87), whose frame header has the same fields: a stream labelled
 # JPEG Lossless may still hold one, which pylibjpeg decodes. In entropy-coded data an
@@ -57,7 +58,7 @@ _SIZ = struct.Struct(">HHIIIIIIIIH")
 
 def take_gdcm_off() -> None:
     """Remove GDCM from pydicom's decoders of these syntaxes, installed or not."""
-    for syntax in JPEG_SYNTAXES | JPEG_2000_SYNTAXES:
+    for syntax in GUARDED_SYNTAXES:
         # pydicom decodes no Part 2 syntax; GDCM may already be gone.
         with contextlib.suppress(NotImplementedError, ValueError):
             get_decoder(syntax).remove_plugin("gdcm")
@@ -75,22 +76,19 @@ def check(dataset: Dataset) -> None:
     then refuses to decode, and says so)."""
     syntax = getattr(dataset, "file_meta", {}).get("TransferSyntaxUID")
     rows, columns = dataset.get("Rows"), dataset.get("Columns")
-    if not isinstance(rows, int) or not isinstance(columns, int):
+    if syntax not in GUARDED_SYNTAXES or not isinstance(rows, int) or not isinstance(columns, int):
         return
-    expected = (rows, columns, int(dataset.get("SamplesPerPixel", 1)))
-    if syntax in JPEG_SYNTAXES | JPEG_2000_SYNTAXES and rows * columns > MAX_DECODED_PIXELS:
+    if rows * columns > MAX_DECODED_PIXELS:
         raise ValueError(
             f"{rows}x{columns} pixels: more than the {MAX_DECODED_PIXELS} a compressed "
             "frame may decode to here"
         )
+    expected = (rows, columns, int(dataset.get("SamplesPerPixel", 1)))
+    fragments = _readable_fragments(dataset.PixelData)
     if syntax in JPEG_SYNTAXES:
-        fragments = _readable_fragments(dataset.PixelData)
         _check_jpeg(fragments, expected)
-    elif syntax in JPEG_2000_SYNTAXES:
-        fragments = _readable_fragments(dataset.PixelData)
-        _check_jpeg_2000(fragments, expected)
     else:
-        return
+        _check_jpeg_2000(fragments, expected)
     if not is_complete(b"".join(fragments[-2:])):  # two: the end marker may straddle them
         raise ValueError("the compressed frame is cut short: it does not end with its end marker")
 
