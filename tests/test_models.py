@@ -599,17 +599,20 @@ def test_a_jpeg_frame_header_that_contradicts_its_data_set_reaches_no_decoder(
         tensor_from_layout(path, layout, SMALL)
 
 
+def _first_chest_slice() -> Path:
+    return sorted(chest_ct().glob("*.dcm"))[0]
+
+
 def _jpeg_ls(folder: Path) -> Dataset:
     """The first chest slice made JPEG-LS lossless by DCMTK's dcmcjpls."""
     encoded = folder / "jpeg-ls.dcm"
-    source = sorted(chest_ct().glob("*.dcm"))[0]
-    subprocess.run([tool("dcmcjpls"), str(source), str(encoded)], check=True)
+    subprocess.run([tool("dcmcjpls"), str(_first_chest_slice()), str(encoded)], check=True)
     return pydicom.dcmread(encoded)
 
 
 def _jpeg_2000() -> Dataset:
     """The first chest slice made JPEG 2000 lossless by OpenJPEG (pylibjpeg-openjpeg)."""
-    dataset = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    dataset = pydicom.dcmread(_first_chest_slice())
     dataset.compress(JPEG2000Lossless, encoding_plugin="pylibjpeg")
     return dataset
 
@@ -630,7 +633,7 @@ def _siz_changed(dataset: Dataset, **changes: int) -> Dataset:
 
 
 def test_jpeg_ls_and_jpeg_2000_slices_decode_as_the_uncompressed_one(tmp_path: Path) -> None:
-    source = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    source = pydicom.dcmread(_first_chest_slice())
     expected = tensor_from_dataset(source, SMALL)
     for compressed in (_jpeg_ls(tmp_path), _jpeg_2000()):
         assert torch.equal(tensor_from_dataset(compressed, SMALL), expected)
@@ -716,7 +719,7 @@ def test_a_compressed_frame_cut_short_reaches_no_decoder(
 ) -> None:
     """Cut in half, such streams were decoded without an error into a whole image, its
     missing half made up (libjpeg-turbo, pylibjpeg)."""
-    source = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    source = pydicom.dcmread(_first_chest_slice())
     compressed = {
         "jpeg lossless": lambda: made_jpeg_lossless(source),
         "jpeg-ls": lambda: _jpeg_ls(tmp_path),
@@ -726,7 +729,7 @@ def test_a_compressed_frame_cut_short_reaches_no_decoder(
 
 
 def test_a_jpeg_lossless_frame_cut_short_is_refused_through_its_layout(tmp_path: Path) -> None:
-    source = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[0])
+    source = pydicom.dcmread(_first_chest_slice())
     path = _saved(_cut_short(made_jpeg_lossless(source)), tmp_path / "cut.dcm")
     layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
     assert layout is not None and layout.encoding == JPEG_LOSSLESS
