@@ -40,6 +40,7 @@ from pynetdicom.pdu_primitives import (
 from pynetdicom.presentation import PresentationContext, build_context, negotiate_as_acceptor
 
 from pacs_node import __version__
+from pacs_node.association_slots import AssociationSlots
 
 log = logging.getLogger(__name__)
 
@@ -158,33 +159,56 @@ class AcceptorSettings:
     tls: ssl.SSLContext | None
 
 
+def listen(bind: str, port: int) -> socket.socket:
+    """A listening socket, which several processes' acceptors may share.
+
+    Non-blocking: when processes race to accept one connection, the losers
+    must go back to waiting, not block in accept().
+    """
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((bind, port))
+        listener.listen(_LISTEN_BACKLOG)
+    except BaseException:
+        listener.close()
+        raise
+    listener.setblocking(False)
+    return listener
+
+
 class Acceptor:
-    """Listens on a port; one thread per association."""
+    """Accepts connections from a listening socket; one thread per association."""
 
     def __init__(
         self,
         settings: AcceptorSettings,
         service: Service,
         contexts: Sequence[tuple[str, Sequence[str]]],
+        slots: AssociationSlots | None = None,
     ) -> None:
+        """`slots`: settings.max_associations shared with other processes, if any."""
         self.settings = settings
         self.service = service
         self.contexts = [build_context(abstract, list(syntaxes)) for abstract, syntaxes in contexts]
+        self.slots = slots or AssociationSlots(settings.max_associations)
         self._lock = threading.Lock()
         self._connections: set[socket.socket] = set()
-        self._established = 0
         self._waiting = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
 
-    def start(self, bind: str, port: int) -> None:
+    def start(self, listener: socket.socket) -> None:
+        """Serve connections from `listener` (see `listen`); stop() closes it."""
         acceptor = self
 
         class Handler(socketserver.BaseRequestHandler):
             def handle(self) -> None:
                 acceptor._serve_connection(self.request, self.client_address)
 
-        self._server = _Server((bind, port), Handler)
+        listener.setblocking(False)  # a copy in another process may not say so
+        self._server = _Server(listener, Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicom-acceptor", daemon=True
         )
@@ -251,15 +275,10 @@ class Acceptor:
         return secured
 
     def _begin_association(self) -> bool:
-        with self._lock:
-            if self._established >= self.settings.max_associations:
-                return False
-            self._established += 1
-            return True
+        return self.slots.take()
 
     def _end_association(self) -> None:
-        with self._lock:
-            self._established -= 1
+        self.slots.give_back()
 
 
 class _WaitingSlot:
@@ -282,15 +301,17 @@ class _WaitingSlot:
 
 
 class _Server(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
+    """socketserver's threads, on a socket already listening."""
+
     daemon_threads = True
-    request_queue_size = _LISTEN_BACKLOG
 
     def __init__(
-        self, address: tuple[str, int], handler: type[socketserver.BaseRequestHandler]
+        self, listener: socket.socket, handler: type[socketserver.BaseRequestHandler]
     ) -> None:
-        self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
-        super().__init__(address, handler)
+        self.address_family = listener.family
+        super().__init__(listener.getsockname(), handler, bind_and_activate=False)
+        self.socket.close()  # the one socketserver made, unbound
+        self.socket = listener
 
 
 class _Accepted(NamedTuple):

@@ -90,6 +90,9 @@ class DicomSettings(Section):
     allowed_addresses: dict[str, list[IPvAnyNetwork]] = Field(default_factory=dict)
     tls: TlsSettings = Field(default_factory=TlsSettings)
     max_associations: int = Field(default=16, ge=1)
+    # Processes that accept associations from the one port (1: the serving process
+    # alone). More let parallel associations use more cores.
+    receive_processes: int = Field(default=1, ge=1, le=64)
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)
 

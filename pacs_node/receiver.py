@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import logging
+import socket
 import ssl
 import threading
 from collections.abc import Callable
@@ -32,7 +33,9 @@ from pacs_node.acceptor import (
     DataSetSink,
     Status,
     StoreRequest,
+    listen,
 )
+from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import DicomSettings, IntakeSettings, TlsSettings
 from pacs_node.errors import (
     BadInstanceError,
@@ -92,6 +95,16 @@ class _AssociationState:
     next_file: Future[IncomingFile] | None = None
 
 
+def listen_on(dicom: DicomSettings) -> socket.socket:
+    """The listening socket of dicom.bind and dicom.port, or a `ConfigurationError`."""
+    try:
+        return listen(dicom.bind, dicom.port)
+    except OSError as error:
+        raise ConfigurationError(
+            f"cannot listen on {dicom.bind}:{dicom.port}: {error.strerror}"
+        ) from error
+
+
 class Receiver:
     """The node's C-STORE SCP: what to accept, where it goes, what to answer."""
 
@@ -125,7 +138,11 @@ class Receiver:
             min(dicom.max_associations, 8), thread_name_prefix="header"
         )
 
-    def start(self) -> None:
+    def start(
+        self, listener: socket.socket | None = None, slots: AssociationSlots | None = None
+    ) -> None:
+        """Accept from `listener`, or from a new one on dicom.bind and dicom.port;
+        `slots`: dicom.max_associations shared with other receiving processes."""
         settings = AcceptorSettings(
             called_ae_title=self.dicom.ae_title if self.dicom.check_called_ae_title else None,
             max_associations=self.dicom.max_associations,
@@ -138,13 +155,8 @@ class Receiver:
             (sop_class, ACCEPTED_TRANSFER_SYNTAXES)
             for sop_class in [VERIFICATION, *_storage_sop_classes()]
         ]
-        acceptor = Acceptor(settings, self, contexts)
-        try:
-            acceptor.start(self.dicom.bind, self.dicom.port)
-        except OSError as error:
-            raise ConfigurationError(
-                f"cannot listen on {self.dicom.bind}:{self.dicom.port}: {error.strerror}"
-            ) from error
+        acceptor = Acceptor(settings, self, contexts, slots)
+        acceptor.start(listener or listen_on(self.dicom))
         self._acceptor = acceptor
 
     def stop(self) -> None:

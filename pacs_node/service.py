@@ -3,8 +3,9 @@
 Stages never call each other; they meet in the job store and the storage
 root. Within one `serve` the only link is a pair of wake-up events, so a
 series that completes is picked up at once instead of at the next poll. A
-`serve` that receives runs its infer stage in a child process (see
-`infer_process`). Every process also runs the periodic work (series
+`serve` that receives runs its infer stage in a child process, and with
+dicom.receive_processes above 1 more receiving ones (see `stage_process`).
+Every process also runs the periodic work (series
 completion sweep, lease reaper, retention): all are safe to run from many
 processes at once.
 """
@@ -25,15 +26,16 @@ from apscheduler.schedulers.background import BackgroundScheduler
 
 from pacs_node.admission import Admission
 from pacs_node.assembler import Assembler
+from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
-from pacs_node.infer_process import InferProcess, ModelInfo, PipeWake
-from pacs_node.receiver import Receiver
+from pacs_node.receiver import Receiver, listen_on
 from pacs_node.reception import Reception
 from pacs_node.report import reporting_node
 from pacs_node.retention import Retention
 from pacs_node.sender import SendStage
 from pacs_node.stage import Worker
+from pacs_node.stage_process import ModelInfo, PipeWake, SharedListener, StageProcess
 from pacs_node.storage import Storage
 from pacs_node.store import JobStatus, JobStore
 
@@ -97,9 +99,11 @@ class Node:
         stages: Sequence[str] = STAGES,
         wakes: tuple[Wake, Wake] | None = None,
         reception: Reception | None = None,
+        listener: SharedListener | None = None,
     ) -> None:
         """`wakes`: the (infer, send) events shared with a parent `serve`, if any;
-        `reception`: that parent's receiving activity, to give way to."""
+        `reception`: that parent's receiving activity, to give way to, or to record;
+        `listener`: that parent's, to receive from beside it."""
         unknown = sorted(set(stages) - set(STAGES))
         if unknown or not stages:
             raise ConfigurationError(
@@ -108,10 +112,18 @@ class Node:
         self.settings = settings
         self.stages = tuple(stage for stage in STAGES if stage in stages)
         self._stopping = threading.Event()
-        # A node that receives keeps CPU-heavy classification in another process.
-        infer_elsewhere = "infer" in self.stages and "receive" in self.stages
-        self._infer_process: InferProcess | None = None
-        self._shared_wakes = (PipeWake(), PipeWake()) if infer_elsewhere else None
+        # A node that receives keeps CPU-heavy classification in another process,
+        # and receives in more than one if told to.
+        receiving = "receive" in self.stages
+        infer_elsewhere = "infer" in self.stages and receiving
+        self._receive_children = (
+            settings.dicom.receive_processes - 1 if receiving and listener is None else 0
+        )
+        self._listener = listener
+        self._children: list[StageProcess] = []
+        self._shared_wakes = (
+            (PipeWake(), PipeWake()) if infer_elsewhere or self._receive_children else None
+        )
         self._reception = Reception() if infer_elsewhere else reception
         self._infer_wake: Wake
         self._send_wake: Wake
@@ -129,8 +141,9 @@ class Node:
         try:
             self._start()
         except BaseException:
-            if self._infer_process is not None:
-                self._infer_process.stop()
+            self._stop_children()
+            if self._listener is not None:
+                self._listener.socket.close()
             raise
 
     def _start(self) -> None:
@@ -141,9 +154,11 @@ class Node:
         # torch costs ~1 GB of memory and seconds of start-up, which receive-
         # and send-only processes never need.
         classifier = None
-        if self._shared_wakes is not None:
-            self._infer_process = InferProcess(settings, *self._shared_wakes, self._reception)
-            self.model = self._infer_process.start()
+        if "infer" in self.stages and "receive" in self.stages:
+            assert self._shared_wakes is not None
+            infer_child = StageProcess(settings, "infer", self._shared_wakes, self._reception)
+            self._children.append(infer_child)
+            self.model = infer_child.start()
         elif "infer" in self.stages:
             from pacs_node.inference import load_classifier
             from pacs_node.worker import InferenceStage
@@ -240,6 +255,7 @@ class Node:
             )
             self._add_loop("send", send.run_once, self._send_wake)
         if "receive" in self.stages:
+            self._start_receiving_children(storage)
             admission = Admission(
                 storage.root,
                 settings.storage.min_free_mb * 2**20,
@@ -255,19 +271,46 @@ class Node:
                 series_filled=self._assemble_now,
                 on_store=self._reception.stored if self._reception else lambda: None,
             )
-            self.receiver.start()
+            if self._listener is None:
+                self.receiver.start()
+            else:
+                self.receiver.start(self._listener.socket, self._listener.slots)
         self._scheduler.start()
         for thread in self._threads:
             thread.start()
-        if self._infer_process is not None:
+        if self._children:
             self._scheduler.add_job(
-                self._watch_infer_process,
+                self._watch_children,
                 "interval",
                 seconds=WATCH_SECONDS,
                 max_instances=1,
                 coalesce=True,
-                id="watch-infer",
+                id="watch-children",
             )
+
+    def _start_receiving_children(self, storage: Storage) -> None:
+        """With dicom.receive_processes above 1: the listening socket, shared with
+        that many processes less one, this one's receiver being the first."""
+        if not self._receive_children:
+            return
+        assert self._shared_wakes is not None
+        processes = self._receive_children + 1
+        slots = AssociationSlots(
+            self.settings.dicom.max_associations, processes, storage.root / "receive.lock"
+        )
+        listener = listen_on(self.settings.dicom)
+        self._listener = SharedListener(listener, slots.for_process(0))
+        for index in range(1, processes):
+            child = StageProcess(
+                self.settings,
+                "receive",
+                self._shared_wakes,
+                self._reception,
+                SharedListener(listener, slots.for_process(index)),
+                name=f"receive process {index}",
+            )
+            self._children.append(child)
+            child.start()
 
     def _give_way(self, limit_seconds: float) -> Callable[[], float]:
         """What the infer stage calls between batches: wait for the parent's receiver."""
@@ -287,6 +330,8 @@ class Node:
             if self.receiver
             else "no"
         )
+        if self._receive_children:
+            listening += f" ({self._receive_children + 1} processes)"
         return (
             f"stages {','.join(self.stages)}; listening {listening}; model {model} on {device}; "
             f"{len(settings.results.destinations)} destination(s)"
@@ -301,31 +346,40 @@ class Node:
             self.receiver.stop()
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
-        if self._infer_process is not None:
-            self._infer_process.stop()
+        self._stop_children()
         for thread in self._threads:
             thread.join()
         if self.store is not None:
             self.store.close()
         log.info(f"pacs-node stopped: stages {','.join(self.stages)}", extra={"action": "stop"})
 
-    def _watch_infer_process(self) -> None:
-        """Restart a crashed infer process: receiving alone would only fill the queue."""
-        assert self._infer_process is not None
-        code = self._infer_process.exit_code
-        if code is None or self._stopping.is_set():
-            return
-        log.error(
-            f"infer process exited with code {code}; restarting it", extra={"action": "infer"}
-        )
-        self._infer_process.stop()
-        try:
-            self._infer_process.start()
-        except PacsNodeError as error:
+    def _stop_children(self) -> None:
+        for child in self._children:  # all at once: each finishes its current step
+            child.ask_to_stop()
+        for child in self._children:
+            child.stop()
+
+    def _watch_children(self) -> None:
+        """Restart a crashed child: receiving alone would only fill the queue, and a
+        receiving child's share of the associations would go unserved."""
+        for child in self._children:
+            code = child.exit_code
+            if code is None or self._stopping.is_set():
+                continue
             log.error(
-                "infer process failed to start; trying again",
-                extra={"action": "infer", "reason": str(error)},
+                f"{child.name} exited with code {code}; restarting it",
+                extra={"action": child.stage},
             )
+            child.stop()
+            if child.listener is not None:  # its associations ended with it
+                child.listener.slots.clear()
+            try:
+                child.start()
+            except PacsNodeError as error:
+                log.error(
+                    f"{child.name} failed to start; trying again",
+                    extra={"action": child.stage, "reason": str(error)},
+                )
 
     def _assemble_now(self) -> None:
         """A series may be complete by content: sweep now, not at the next interval."""

@@ -125,6 +125,17 @@ CT_IMAGE_STORAGE = b"1.2.840.10008.5.1.4.1.1.2"
 EXPLICIT_VR_LITTLE_ENDIAN = b"1.2.840.10008.1.2.1"
 
 
+def answer_to(port: int, request: bytes) -> bytes:
+    with raw_connection(port) as connection:
+        connection.sendall(request)
+        return closed_by_peer(connection)
+
+
+def rejection(result: int, source: int, reason: int) -> bytes:
+    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
+    return bytes([0x03, 0, 0, 0, 0, 4, 0, result, source, reason])
+
+
 def presentation_context(
     context_id: int, abstract: bytes | None, transfer: bytes | None = EXPLICIT_VR_LITTLE_ENDIAN
 ) -> bytes:

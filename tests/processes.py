@@ -235,7 +235,11 @@ class StoreSCP(ServerProcess):
 def descendants(pid: int) -> list[int]:
     """The child processes of `pid`, their children, and so on."""
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").iterdir():
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return found  # it ended since its parent listed it (a forked storescp's child)
+    for task in tasks:
         try:
             children = (task / "children").read_text().split()
         except FileNotFoundError:

@@ -25,6 +25,7 @@ from pacs_node.receiver import Receiver
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore
 from tests.bad_input import (
+    answer_to,
     association_request,
     closed_by_peer,
     ct_slice,
@@ -32,6 +33,7 @@ from tests.bad_input import (
     item,
     presentation_context,
     raw_connection,
+    rejection,
 )
 from tests.certificates import make_certificates
 from tests.peers import free_port
@@ -77,17 +79,6 @@ def running_receiver(
 def receiver(tmp_path: Path) -> Iterator[Receiver]:
     with running_receiver(tmp_path) as node:
         yield node
-
-
-def answer_to(port: int, request: bytes) -> bytes:
-    with raw_connection(port) as connection:
-        connection.sendall(request)
-        return closed_by_peer(connection)
-
-
-def rejection(result: int, source: int, reason: int) -> bytes:
-    """An A-ASSOCIATE-RJ PDU (PS3.8 9.3.4)."""
-    return bytes([0x03, 0, 0, 0, 0, 4, 0, result, source, reason])
 
 
 def test_a_request_beyond_max_associations_is_rejected_as_transient(receiver: Receiver) -> None:

@@ -1,13 +1,21 @@
-"""The infer stage of a `serve` that also receives: in a child process, at a lower CPU priority.
+"""Stages of one `serve` in child processes: its infer stage, and receiving beyond the first.
 
-Why: classification keeps every core of a small server busy and holds the GIL
-for its Python work (reading, decoding, preprocessing). In the receiving
-process it halved the ingest rate while a series was classified (measured with
+The infer stage, at a lower CPU priority. Why: classification keeps every
+core of a small server busy and holds the GIL for its Python work (reading,
+decoding, preprocessing). In the receiving process it halved the ingest rate
+while a series was classified (measured with
 `tests.benchmarks.ingest_under_load`). In its own process at `inference.nice`,
 it gets the CPU the receiver leaves, and torch's memory stays out of the
 process that answers C-STOREs.
 
-The child is an ordinary infer-only `Node`; the two processes meet in the job
+Receiving, with dicom.receive_processes above 1. Why: one process serves its
+associations in threads that take turns at one GIL; four associations
+received 1.20x one association's rate in one process, against 3.12x in four
+processes, on a 16-core host (`tests.benchmarks.ingest`). The children accept
+from the parent's listening socket, and count associations against one
+dicom.max_associations (`AssociationSlots`).
+
+Each child is an ordinary single-stage `Node`; the processes meet in the job
 store like any scale-out, plus the two wake-up events, so that a completed
 series is picked up at once.
 """
@@ -20,10 +28,12 @@ import multiprocessing
 import os
 import select
 import signal
+import socket
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 
+from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.logs import configure_logging
@@ -74,30 +84,55 @@ class PipeWake:
         return bool(ready)
 
 
-class InferProcess:
+@dataclass(frozen=True)
+class SharedListener:
+    """What a receiving child shares with its parent: the socket, and the association count."""
+
+    socket: socket.socket
+    slots: AssociationSlots
+
+
+class StageProcess:
     def __init__(
         self,
         settings: Settings,
-        infer_wake: PipeWake,
-        send_wake: PipeWake,
+        stage: str,
+        wakes: tuple[PipeWake, PipeWake],
         reception: Reception | None = None,
+        listener: SharedListener | None = None,
+        name: str = "",
     ) -> None:
+        """`stage`: "infer", or "receive" with the parent's `listener`;
+        `wakes`: the (infer, send) events of the parent."""
+        if (stage == "receive") != (listener is not None):
+            raise ValueError("a receiving child needs its parent's listener, and only it")
         self.settings = settings
-        self.infer_wake = infer_wake
-        self.send_wake = send_wake
+        self.stage = stage
+        self.wakes = wakes
         self.reception = reception
+        self.listener = listener
+        self.name = name or f"{stage} process"  # for the log
         self._process: multiprocessing.process.BaseProcess | None = None
 
-    def start(self) -> ModelInfo:
-        """Start the child and wait until its model is loaded; raise what stopped it."""
+    def start(self) -> ModelInfo | None:
+        """Start the child and wait until it runs (an infer stage: its model is
+        loaded); its model, or raise what stopped it."""
         receiving, sending = _CONTEXT.Pipe(duplex=False)
         # The same values as a plain Settings: the class load_settings makes is
         # local to it, so it cannot be pickled.
         settings = Settings.model_construct(**dict(self.settings))
         process = _CONTEXT.Process(
             target=_child_main,
-            args=(settings, sending, self.infer_wake, self.send_wake, self.reception, os.getpid()),
-            name="pacs-node-infer",
+            args=(
+                settings,
+                self.stage,
+                sending,
+                self.wakes,
+                self.reception,
+                self.listener,
+                os.getpid(),
+            ),
+            name=f"pacs-node-{self.name.replace(' ', '-')}",
             # Should the parent fail to stop it, multiprocessing ends it at exit.
             daemon=True,
         )
@@ -106,25 +141,30 @@ class InferProcess:
         self._process = process
         try:
             if not receiving.poll(START_TIMEOUT_SECONDS):
-                raise ConfigurationError("the infer process did not start in time")
+                raise ConfigurationError(f"the {self.name} did not start in time")
             answer = receiving.recv()
         except EOFError:
             process.join(5)
-            answer = f"the infer process exited with code {process.exitcode}"
+            answer = f"the {self.name} exited with code {process.exitcode}"
         except BaseException:
             self.stop()
             raise
         finally:
             receiving.close()
-        if not isinstance(answer, ModelInfo):
-            self.stop()
-            raise ConfigurationError(str(answer))
-        return answer
+        if answer is None or isinstance(answer, ModelInfo):
+            return answer
+        self.stop()
+        raise ConfigurationError(str(answer))
 
     @property
     def exit_code(self) -> int | None:
         """None while the child runs."""
         return None if self._process is None else self._process.exitcode
+
+    def ask_to_stop(self) -> None:
+        """Ask the child to finish its current step and stop (SIGTERM); `stop` waits."""
+        if self._process is not None and self._process.is_alive():
+            self._process.terminate()
 
     def stop(self, timeout: float = 120.0) -> None:
         """Ask the child to finish its current step and stop; kill it if it does not."""
@@ -135,28 +175,30 @@ class InferProcess:
             process.terminate()
             process.join(timeout)
         if process.is_alive():
-            log.warning("infer process did not stop in time; killed", extra={"action": "stop"})
+            log.warning(f"{self.name} did not stop in time; killed", extra={"action": "stop"})
             process.kill()
             process.join()
 
 
 def _child_main(
     settings: Settings,
+    stage: str,
     report: Connection,
-    infer_wake: PipeWake,
-    send_wake: PipeWake,
+    wakes: tuple[PipeWake, PipeWake],
     reception: Reception | None,
+    listener: SharedListener | None,
     parent: int,
 ) -> None:
     # Imported here: service imports this module.
     from pacs_node.service import Node
 
     configure_logging(settings.logging.level)
-    os.nice(settings.inference.nice)
+    if stage == "infer":
+        os.nice(settings.inference.nice)
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent decides
-    node = Node(settings, ["infer"], wakes=(infer_wake, send_wake), reception=reception)
+    node = Node(settings, [stage], wakes=wakes, reception=reception, listener=listener)
     try:
         node.start()
     except PacsNodeError as error:

@@ -1,0 +1,118 @@
+"""dicom.receive_processes: several processes accept from one port, within one association limit."""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+from pathlib import Path
+
+import pydicom
+from pynetdicom.association import Association
+
+from tests.bad_input import answer_to, association_request, ct_slice, rejection
+from tests.peers import chest_ct
+from tests.polling import wait_for
+from tests.processes import NodeProcess, descendants
+from tests.scu import associate
+
+LOCAL_LIMIT_EXCEEDED = rejection(2, 3, 2)  # transient, service provider (presentation)
+
+
+def established_connections(pids: list[int], port: int) -> Counter[int]:
+    """How many established TCP connections to local `port` each process holds."""
+    on_port: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for row in Path(table).read_text().splitlines()[1:]:
+            fields = row.split()
+            local_port = int(fields[1].rpartition(":")[2], 16)
+            if local_port == port and fields[3] == "01":  # ESTABLISHED
+                on_port.add(fields[9])  # the socket's inode
+    held: Counter[int] = Counter()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            target = str(fd.readlink())
+            if target.startswith("socket:[") and target[8:-1] in on_port:
+                held[pid] += 1
+    return held
+
+
+def open_associations(port: int, count: int) -> list[Association]:
+    return [associate(port, ct_slice(), calling_ae=f"HOLD{index}") for index in range(count)]
+
+
+def receiving_node(
+    folder: Path, model: Path, processes: int, max_associations: int = 16
+) -> NodeProcess:
+    settings = {
+        "PACS_NODE_DICOM__RECEIVE_PROCESSES": str(processes),
+        "PACS_NODE_DICOM__MAX_ASSOCIATIONS": str(max_associations),
+    }
+    return NodeProcess(folder, model, stages="receive", settings=settings)
+
+
+def test_associations_spread_over_the_processes_and_count_against_one_limit(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    with receiving_node(tmp_path / "node", tiny_model, 3, max_associations=12) as node:
+        assert any("(3 processes)" in line for line in node.lines)
+        held = open_associations(node.port, 12)
+        try:
+            serving = established_connections([node.pid, *descendants(node.pid)], node.port)
+            assert sum(serving.values()) == 12
+            assert len(serving) >= 2, serving
+            for _ in range(6):  # whichever process accepts it, the limit is reached
+                assert answer_to(node.port, association_request("ONEMORE")) == LOCAL_LIMIT_EXCEEDED
+        finally:
+            for association in held:
+                association.release()
+        # Released everywhere: the whole limit is free again.
+        for association in open_associations(node.port, 12):
+            association.release()
+
+
+def test_a_series_sent_over_associations_in_several_processes_is_stored_as_one(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    slices = [pydicom.dcmread(path) for path in sorted(chest_ct().glob("*.dcm"))]
+    with receiving_node(tmp_path / "node", tiny_model, 3) as node:
+        associations = [associate(node.port, slices[0], calling_ae=f"CT{n}") for n in range(9)]
+        try:
+            serving = established_connections([node.pid, *descendants(node.pid)], node.port)
+            assert len(serving) >= 2, serving
+            statuses = [
+                int(associations[index % 9].send_c_store(dataset).Status)
+                for index, dataset in enumerate(slices)
+            ]
+        finally:
+            for association in associations:
+                association.release()
+        assert statuses == [0x0000] * len(slices)
+        assert len(list((tmp_path / "node" / "instances").rglob("*.dcm"))) == len(slices)
+        # Their rows make one series, queued once for inference.
+        (job,) = wait_for(lambda: node.jobs("infer"), 30, "the series' infer job")
+        assert job["series_instance_uid"] == slices[0].SeriesInstanceUID
+
+
+def test_a_killed_receive_process_is_restarted_and_its_associations_freed(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    with receiving_node(tmp_path / "node", tiny_model, 2, max_associations=6) as node:
+        children = descendants(node.pid)
+        for _ in range(10):  # until the child holds some (the kernel picks who accepts)
+            held = open_associations(node.port, 6)
+            serving = established_connections(children, node.port)
+            if serving:
+                break
+            for association in held:
+                association.release()
+        ((child, count),) = serving.items()
+        os.kill(child, signal.SIGKILL)
+        wait_for(lambda: node.has_logged("restarting it"), 30, "the parent to restart its child")
+        wait_for(lambda: len(descendants(node.pid)) == len(children), 30, "the new child to run")
+        # The killed process's associations no longer count against the limit.
+        freed = open_associations(node.port, count)
+        assert answer_to(node.port, association_request("ONEMORE")) == LOCAL_LIMIT_EXCEEDED
+        for association in held + freed:
+            if association.is_established:
+                association.release()
