@@ -1,7 +1,7 @@
 """Ingest benchmark: 300 CT instances by DCMTK storescu into three receivers.
 
     .venv/bin/python -m tests.benchmarks.ingest [--rounds 3] [--associations 1 4]
-        [--split-nodes N]
+        [--receive-processes N] [--split-nodes N]
 
 Receivers: DCMTK storescp (the native reference; with more than one
 association `--fork`, its way of serving them in parallel), pynetdicom's
@@ -14,6 +14,9 @@ and the node's rate with N associations is compared with its rate with one.
 
 "cores busy" is the CPU time of the receiver and of the storescu senders
 over the wall time: near this machine's core count, the CPU is the limit.
+With --receive-processes N (N > 1), the node also receives each association
+count above one with dicom.receive_processes = N: N processes accepting from
+its one port, sharing its database and folder.
 With --split-nodes N, the associations (when there are at least N) are also
 dealt to N separate `serve --stages receive` processes, each with its own
 database and folder: the most that receiving in several processes could give
@@ -60,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--split-nodes", type=int, default=0, help="also N node processes")
+    parser.add_argument(
+        "--receive-processes", type=int, default=0, help="also the node with N receive processes"
+    )
+    parser.add_argument("--split-nodes", type=int, default=0, help="also N separate nodes")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-ingest-") as scratch:
         root = Path(scratch)
@@ -75,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
                     (PYNETDICOM, [PynetdicomStoreSCP(root / f"pynetdicom-{name}")]),
                     (NODE, [PacsNodeReceive(root / f"node-{name}", model)]),
                 ]
+                processes = arguments.receive_processes
+                if processes > 1 and associations > 1:
+                    setting = {"PACS_NODE_DICOM__RECEIVE_PROCESSES": str(processes)}
+                    node = PacsNodeReceive(root / f"processes-{name}", model, settings=setting)
+                    cases.append((f"{NODE} {processes} processes", [node]))
                 split = arguments.split_nodes
                 if split > 1 and associations >= split:
                     nodes: list[Receiver] = [
@@ -106,12 +117,12 @@ def print_table(results: Results, arguments: argparse.Namespace) -> None:
         f"{os.cpu_count()} CPU cores; medians"
     )
     print(
-        f"{'receiver':<22} {'assocs':>6} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} "
+        f"{'receiver':<30} {'assocs':>6} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} "
         f"{'peak RSS MB':>12} {'senders CPU s':>14} {'cores busy':>11}"
     )
     for (name, associations), runs in results.items():
         print(
-            f"{name:<22} {associations:>6} "
+            f"{name:<30} {associations:>6} "
             f"{statistics.median(r.images_per_second for r in runs):>9.1f} "
             f"{statistics.median(r.megabytes_per_second for r in runs):>7.1f} "
             f"{statistics.median(r.cpu_seconds for r in runs):>7.2f} "

@@ -7,13 +7,14 @@ storescu processes) and stopped.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,7 +64,16 @@ def peak_rss_mb(pid: int) -> float:
 def tree_peak_rss_mb(pid: int) -> float:
     """Peak RSS of a process plus its descendants' (`serve` classifies in a child):
     the sum of the peaks, an upper bound on their peak together."""
-    return sum(peak_rss_mb(process) for process in [pid, *descendants(pid)])
+    return _over_tree(pid, peak_rss_mb)
+
+
+def _over_tree(pid: int, measure: Callable[[int], float]) -> float:
+    """`measure` of a process plus that of each descendant still there."""
+    total = measure(pid)
+    for child in descendants(pid):
+        with contextlib.suppress(FileNotFoundError):  # ended since it was listed
+            total += measure(child)
+    return total
 
 
 class Receiver(ABC):
@@ -86,8 +96,10 @@ class Receiver(ABC):
         return self.process.pid
 
     def cpu_seconds(self) -> float:
-        """CPU seconds the receiver has used so far."""
-        return cpu_seconds(self.pid)
+        """CPU seconds the receiver has used so far, in all its processes (the node's
+        receiving children run all along; DCMTK's forked ones end and are counted
+        in their parent)."""
+        return _over_tree(self.pid, cpu_seconds)
 
     def stop(self) -> None:
         if self.process is not None:
