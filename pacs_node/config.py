@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import (
     BaseModel,
@@ -147,8 +147,9 @@ class InferenceSettings(Section):
     model: Path = BUNDLED_MODEL
     device: Literal["auto", "cpu", "cuda"] = "auto"
     batch_size: int = Field(default=16, ge=1, le=1024)
-    # Threads that read and decode the next batch while the model runs the current one.
-    decode_threads: int = Field(default=2, ge=1, le=64)
+    # Threads that read and decode the next batch while the model runs the current
+    # one; "auto" chooses by device and cores (`inference.decode_thread_count`).
+    decode_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # CPU priority (nice) of the infer process a receiving `serve` starts: it
     # gets the CPU the receiver leaves, so C-STOREs stay fast during inference.
     nice: int = Field(default=19, ge=0, le=19)

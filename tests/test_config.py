@@ -56,6 +56,9 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ),
         ("PACS_NODE_DATABASE__PASSWORD_FILE", "/no/such/file", "database.password_file"),
         ("PACS_NODE_RESULTS__INSTITUTION_NAME", "I" * 65, "results.institution_name"),
+        ("PACS_NODE_INFERENCE__DECODE_THREADS", "0", "inference.decode_threads"),
+        ("PACS_NODE_INFERENCE__DECODE_THREADS", "many", "inference.decode_threads"),
+        ("PACS_NODE_DICOM__RECEIVE_PROCESSES", "0", "dicom.receive_processes"),
     ],
 )
 def test_invalid_values_are_refused_by_name(

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Literal
 
 import pytest
 import torch
@@ -21,6 +22,7 @@ from pacs_node.errors import ConfigurationError
 from pacs_node.inference import (
     REFERENCE_KEYWORDS,
     SeriesClassifier,
+    decode_thread_count,
     load_classifier,
 )
 from pacs_node.report import ReportingNode, build_report
@@ -71,6 +73,32 @@ def test_while_a_series_is_classified_torch_runs_one_thread_and_no_garbage_colle
     assert seen == [(1, False)] * 3
     assert torch.get_num_threads() == before
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize(
+    ("setting", "device", "cores", "threads"),
+    [
+        ("auto", "cpu", 1, 2),
+        ("auto", "cpu", 2, 2),
+        ("auto", "cpu", 16, 4),
+        ("auto", "cpu", 64, 4),
+        ("auto", "cuda", 2, 2),
+        ("auto", "cuda", 16, 8),
+        ("auto", "cuda", 64, 8),
+        (3, "cuda", 16, 3),
+    ],
+)
+def test_auto_decode_threads_follow_the_device_and_the_cores(
+    setting: int | Literal["auto"], device: str, cores: int, threads: int
+) -> None:
+    assert decode_thread_count(setting, torch.device(device), cores) == threads
+
+
+def test_the_default_decode_threads_are_chosen_for_this_machine(tiny_model: Path) -> None:
+    settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
+    assert settings.inference.decode_threads == "auto"
+    classifier = load_classifier(settings)
+    assert classifier.decode_threads == decode_thread_count("auto", torch.device("cpu"))
 
 
 @pytest.mark.parametrize("threads", [2, 3])
