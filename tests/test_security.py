@@ -19,11 +19,14 @@ def certificates(tmp_path_factory: pytest.TempPathFactory) -> Certificates:
     return make_certificates(tmp_path_factory.mktemp("tls"))
 
 
-def tls_node(folder: Path, model: Path, certificates: Certificates) -> NodeProcess:
+def tls_node(
+    folder: Path, model: Path, certificates: Certificates, processes: int = 1
+) -> NodeProcess:
     return NodeProcess(
         folder,
         model,
         settings={
+            "PACS_NODE_DICOM__RECEIVE_PROCESSES": str(processes),
             "PACS_NODE_DICOM__TLS__CERTIFICATE": str(certificates.server_certificate),
             "PACS_NODE_DICOM__TLS__PRIVATE_KEY": str(certificates.server_key),
             "PACS_NODE_DICOM__TLS__CLIENT_CA": str(certificates.ca),
@@ -32,11 +35,12 @@ def tls_node(folder: Path, model: Path, certificates: Certificates) -> NodeProce
     )
 
 
+@pytest.mark.parametrize("processes", [1, 3])
 def test_dcmtk_stores_over_tls_with_a_client_certificate(
-    tmp_path: Path, tiny_model: Path, certificates: Certificates
+    tmp_path: Path, tiny_model: Path, certificates: Certificates, processes: int
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
-    with tls_node(tmp_path / "node", tiny_model, certificates) as node:
+    with tls_node(tmp_path / "node", tiny_model, certificates, processes) as node:
         assert node.has_logged("(TLS)")
         secure = [
             "+tls",
@@ -57,9 +61,10 @@ def test_dcmtk_stores_over_tls_with_a_client_certificate(
         # Plain TCP to the TLS port is not DICOM to this node either.
         plain = storescu(node.port, "PACSNODE", files[:1])
         assert plain.returncode != 0
-        # ... and the node goes on serving TLS clients.
-        again = storescu(node.port, "PACSNODE", files[:1], extra=secure)
-        assert again.returncode == 0, again.stderr
+        # ... and the node goes on serving TLS clients, in whichever process accepts.
+        for _ in range(2 * processes):
+            again = storescu(node.port, "PACSNODE", files[:1], extra=secure)
+            assert again.returncode == 0, again.stderr
     assert len(list((tmp_path / "node" / "instances").rglob("*.dcm"))) == 3
 
 
