@@ -16,9 +16,11 @@ import contextlib
 import logging
 import os
 import socket
+import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Protocol
 
 from apscheduler.jobstores.base import JobLookupError
@@ -120,6 +122,7 @@ class Node:
             settings.dicom.receive_processes - 1 if receiving and listener is None else 0
         )
         self._listener = listener
+        self._slots_lock_file: Path | None = None
         self._children: list[StageProcess] = []
         self._shared_wakes = (
             (PipeWake(), PipeWake()) if infer_elsewhere or self._receive_children else None
@@ -144,6 +147,7 @@ class Node:
             self._stop_children()
             if self._listener is not None:
                 self._listener.socket.close()
+            self._remove_slots_lock_file()
             raise
 
     def _start(self) -> None:
@@ -255,7 +259,7 @@ class Node:
             )
             self._add_loop("send", send.run_once, self._send_wake)
         if "receive" in self.stages:
-            self._start_receiving_children(storage)
+            self._start_receiving_children()
             admission = Admission(
                 storage.root,
                 settings.storage.min_free_mb * 2**20,
@@ -288,15 +292,19 @@ class Node:
                 id="watch-children",
             )
 
-    def _start_receiving_children(self, storage: Storage) -> None:
+    def _start_receiving_children(self) -> None:
         """With dicom.receive_processes above 1: the listening socket, shared with
         that many processes less one, this one's receiver being the first."""
         if not self._receive_children:
             return
         assert self._shared_wakes is not None
         processes = self._receive_children + 1
+        # On local disk and this serve's own: a storage root may be shared by other hosts.
+        descriptor, name = tempfile.mkstemp(prefix="pacs-node-associations-", suffix=".lock")
+        os.close(descriptor)
+        self._slots_lock_file = Path(name)
         slots = AssociationSlots(
-            self.settings.dicom.max_associations, processes, storage.root / "receive.lock"
+            self.settings.dicom.max_associations, processes, self._slots_lock_file
         )
         listener = listen_on(self.settings.dicom)
         self._listener = SharedListener(listener, slots.for_process(0))
@@ -347,6 +355,7 @@ class Node:
         if self._scheduler.running:
             self._scheduler.shutdown(wait=True)
         self._stop_children()
+        self._remove_slots_lock_file()
         for thread in self._threads:
             thread.join()
         if self.store is not None:
@@ -358,6 +367,10 @@ class Node:
             child.ask_to_stop()
         for child in self._children:
             child.stop()
+
+    def _remove_slots_lock_file(self) -> None:
+        if self._slots_lock_file is not None:
+            self._slots_lock_file.unlink(missing_ok=True)
 
     def _watch_children(self) -> None:
         """Restart a crashed child: receiving alone would only fill the queue, and a

@@ -1,8 +1,7 @@
 """The storage root: received instances and written reports, made durable.
 
 Layout under `root`: `instances/<study>/<series>/<sop>.dcm`, `reports/<study>/
-<sop>.dcm`, `incoming/` for files being written, and `receive.lock` where
-several processes receive (see `association_slots`). A file is written to
+<sop>.dcm`, and `incoming/` for files being written. A file is written to
 `incoming/`, fsynced, renamed into place and its folder fsynced, so a crash
 leaves either the whole file or none of it at its final path.
 """
