@@ -91,7 +91,7 @@ class SeriesClassifier:
         """Classify the slices at `paths` (one series, in slice order): files, or
         `StoredSlice`s whose words are read through their layout without parsing.
 
-        `on_batch` runs after every batch (the worker renews its lease there).
+        `on_batch` runs after every batch (the worker renews its lease there, when due).
         Unreadable slices are skipped and reported; a series with none left
         is a `PermanentError`.
         """
