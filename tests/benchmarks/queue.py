@@ -1,0 +1,158 @@
+"""Infer stage on a queue of series, job store included, against the model alone.
+
+    .venv/bin/python -m tests.benchmarks.queue [--series 4] [--slices 300]
+        [--device cpu|cuda] [--decode-threads 2] [--rounds 3]
+
+The node's own `InferenceStage` takes queued infer jobs from a SQLite job store
+until none is left. For each series it reads the rows, reads the slices
+through the layouts a receiver would have recorded, classifies them, and
+renews its lease when due. It writes the SR (fsynced), and commits the result
+and the job's end. So it measures more of the stage than `tests.benchmarks.inference`,
+whose stage is one series' classification and SR, with no job store. The
+reference is the node's forward pass alone on the first series' slices as
+ready tensors, same batch size, same process, measured in each round. The last
+line is the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import tempfile
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pydicom
+import torch
+
+from models.artifact import load_artifact
+from models.pixel_layout import pixel_layout
+from models.predictor import SlicePredictor
+from models.preprocessing import tensor_from_dataset
+from pacs_node.config import BUNDLED_MODEL
+from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
+from pacs_node.stage import Worker
+from pacs_node.storage import Storage
+from pacs_node.store import JobStore, NewInstance
+from pacs_node.worker import InferenceStage
+from tests.benchmarks.inference import NODE, REPORTING_NODE, model_only
+from tests.benchmarks.series import long_series
+
+
+def queued_store(path: Path, instances: list[NewInstance]) -> JobStore:
+    """A new job store holding `instances`, their series complete and queued."""
+    store = JobStore(f"sqlite:///{path}")
+    store.upgrade()
+    for instance in instances:
+        store.record_instance(instance)
+    store.complete_ready_series(datetime.now(timezone.utc), quiet_seconds=1)
+    return store
+
+
+def stored_instances(root: Path, series: int, slices: int) -> list[NewInstance]:
+    """`series` series of `slices` uncompressed slices, in `root/instances` as received."""
+    received = datetime.now(timezone.utc) - timedelta(hours=1)
+    instances = []
+    for number in range(series):
+        for path in long_series(root / "made" / str(number), slices):
+            dataset = pydicom.dcmread(path)
+            relative = f"instances/{number}/{path.name}"
+            (root / relative).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, root / relative)
+            layout = pixel_layout(dataset)
+            instances.append(
+                NewInstance(
+                    sop_instance_uid=str(dataset.SOPInstanceUID),
+                    sop_class_uid=str(dataset.SOPClassUID),
+                    series_instance_uid=str(dataset.SeriesInstanceUID),
+                    study_instance_uid=str(dataset.StudyInstanceUID),
+                    modality="CT",
+                    transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+                    path=relative,
+                    size=path.stat().st_size,
+                    sha256="0" * 64,
+                    calling_ae="BENCH",
+                    received_at=received,
+                    instance_number=int(dataset.InstanceNumber),
+                    images_in_acquisition=slices,
+                    classifiable=True,
+                    exclusion_reason=None,
+                    pixel_layout=None if layout is None else layout.to_text(),
+                )
+            )
+    return instances
+
+
+def drain(stage: InferenceStage) -> int:
+    """Run the stage until the queue is empty; the jobs it took."""
+    jobs = 0
+    while stage.run_once():
+        jobs += 1
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--series", type=int, default=4)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
+    arguments = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pacs-node-queue-") as scratch:
+        root = Path(scratch)
+        instances = stored_instances(root / "var", arguments.series, arguments.slices)
+        storage = Storage(root / "var")
+        predictor = SlicePredictor(load_artifact(BUNDLED_MODEL), arguments.device)
+        settle_long_lived_objects(predictor.manifest, REPORTING_NODE)
+        classifier = SeriesClassifier(predictor, arguments.batch_size, arguments.decode_threads)
+        preprocessing = predictor.manifest.preprocessing
+        first_series = [root / "var" / instance.path for instance in instances][: arguments.slices]
+        tensors = [
+            tensor_from_dataset(pydicom.dcmread(path), preprocessing) for path in first_series
+        ]
+        size = arguments.batch_size
+        batches = [torch.stack(tensors[i : i + size]) for i in range(0, len(tensors), size)]
+        worker = Worker(
+            "bench:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1
+        )
+        stage_rates, model_rates = [], []
+        total = arguments.series * arguments.slices
+        for round_number in range(arguments.rounds + 1):  # round 0 warms up, uncounted
+            store = queued_store(root / f"store-{round_number}.db", instances)
+            stage = InferenceStage(
+                store, worker, storage, classifier, REPORTING_NODE, [], send_max_attempts=1
+            )
+            started = time.perf_counter()
+            jobs = drain(stage)
+            elapsed = time.perf_counter() - started
+            store.close()
+            if jobs != arguments.series:
+                raise RuntimeError(f"{jobs} jobs done of {arguments.series}")
+            timing = model_only(predictor.predict, predictor.device, batches)
+            if round_number:
+                stage_rates.append(total / elapsed)
+                model_rates.append(len(tensors) / timing.seconds)
+        print(
+            f"{arguments.series} series of {arguments.slices} slices, {predictor.device}, "
+            f"batch {size}, {arguments.decode_threads} decode threads, "
+            f"{arguments.rounds} rounds (medians; per round in brackets)"
+        )
+        for name, rates in ((f"{NODE}, model only", model_rates), ("stage", stage_rates)):
+            per_round = ", ".join(f"{rate:.0f}" for rate in rates)
+            print(f"{name:<40} {statistics.median(rates):8.1f} slices/s ({per_round})")
+        ratios = [a / b for a, b in zip(stage_rates, model_rates, strict=True)]
+        print(
+            f"ratio stage/model-only: {statistics.median(ratios):.2f} "
+            f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
