@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import signal
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pydicom
 from pynetdicom.association import Association
 
+from pacs_node.store import JobStore
 from tests.bad_input import answer_to, association_request, ct_slice, rejection
 from tests.peers import chest_ct
 from tests.polling import wait_for
@@ -42,12 +44,18 @@ def open_associations(port: int, count: int) -> list[Association]:
 
 
 def receiving_node(
-    folder: Path, model: Path, processes: int, max_associations: int = 16
+    folder: Path,
+    model: Path,
+    processes: int,
+    max_associations: int = 16,
+    database_url: str | None = None,
 ) -> NodeProcess:
     settings = {
         "PACS_NODE_DICOM__RECEIVE_PROCESSES": str(processes),
         "PACS_NODE_DICOM__MAX_ASSOCIATIONS": str(max_associations),
     }
+    if database_url:
+        settings["PACS_NODE_DATABASE__URL"] = database_url
     return NodeProcess(folder, model, stages="receive", settings=settings)
 
 
@@ -72,18 +80,25 @@ def test_associations_spread_over_the_processes_and_count_against_one_limit(
 
 
 def test_a_series_sent_over_associations_in_several_processes_is_stored_as_one(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, database_url: str
 ) -> None:
+    JobStore(database_url).upgrade()  # serve migrates only SQLite itself
     slices = [pydicom.dcmread(path) for path in sorted(chest_ct().glob("*.dcm"))]
-    with receiving_node(tmp_path / "node", tiny_model, 3) as node:
+    node = receiving_node(tmp_path / "node", tiny_model, 3, database_url=database_url)
+    with node:
         associations = [associate(node.port, slices[0], calling_ae=f"CT{n}") for n in range(9)]
         try:
             serving = established_connections([node.pid, *descendants(node.pid)], node.port)
             assert len(serving) >= 2, serving
-            statuses = [
-                int(associations[index % 9].send_c_store(dataset).Status)
-                for index, dataset in enumerate(slices)
-            ]
+
+            def send_share(index: int) -> list[int]:
+                association = associations[index]
+                return [int(association.send_c_store(d).Status) for d in slices[index::9]]
+
+            with ThreadPoolExecutor(9) as senders:  # all at once: the rows race
+                statuses = [
+                    status for share in senders.map(send_share, range(9)) for status in share
+                ]
         finally:
             for association in associations:
                 association.release()
