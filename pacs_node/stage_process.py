@@ -9,10 +9,10 @@ it gets the CPU the receiver leaves, and torch's memory stays out of the
 process that answers C-STOREs.
 
 Receiving, with dicom.receive_processes above 1. Why: one process serves its
-associations in threads that take turns at one GIL; four associations
-received 1.20x one association's rate in one process, against 3.12x in four
-processes, on a 16-core host (`tests.benchmarks.ingest`). The children accept
-from the parent's listening socket, and count associations against one
+associations in threads that take turns at one GIL. On a 16-core host four
+associations received 1.04-1.20x one association's rate in one process, and
+2.18x with four receiving processes (`tests.benchmarks.ingest`). The children
+accept from the parent's listening socket, and count associations against one
 dicom.max_associations (`AssociationSlots`).
 
 Each child is an ordinary single-stage `Node`; the processes meet in the job
