@@ -16,6 +16,7 @@ import copy
 import ctypes
 import fcntl
 import multiprocessing
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -70,9 +71,12 @@ class AssociationSlots:
             if self._lock_file is None:
                 yield
                 return
-            # Opened each time: flock excludes other open files, in this process or another.
+            # Opened by name each time: flock excludes other open files, in this
+            # process or another, and a file removed meanwhile is made again.
             with self._lock_file.open("a") as file:
                 fcntl.flock(file, fcntl.LOCK_EX)
+                # Touched: cleaners of /tmp remove files left unchanged for days.
+                os.utime(file.fileno())
                 yield
 
     # A threading lock cannot cross into a spawned process; each process has its own.
