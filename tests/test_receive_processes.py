@@ -7,15 +7,17 @@ import signal
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pydicom
 from pynetdicom.association import Association
 
 from pacs_node.store import JobStore
 from tests.bad_input import answer_to, association_request, ct_slice, rejection
+from tests.dicom_data import renamed_series, series_uid
 from tests.peers import chest_ct
 from tests.polling import wait_for
-from tests.processes import NodeProcess, descendants
+from tests.processes import NodeProcess, descendants, storescu
 from tests.scu import associate
 
 LOCAL_LIMIT_EXCEEDED = rejection(2, 3, 2)  # transient, service provider (presentation)
@@ -79,34 +81,46 @@ def test_associations_spread_over_the_processes_and_count_against_one_limit(
             association.release()
 
 
-def test_a_series_sent_over_associations_in_several_processes_is_stored_as_one(
+def test_series_sent_over_associations_in_several_processes_are_stored_whole(
     tmp_path: Path, tiny_model: Path, database_url: str
 ) -> None:
     JobStore(database_url).upgrade()  # serve migrates only SQLite itself
-    slices = [pydicom.dcmread(path) for path in sorted(chest_ct().glob("*.dcm"))]
+    paths = sorted(chest_ct().glob("*.dcm"))
+    slices = [pydicom.dcmread(path) for path in paths]
     node = receiving_node(tmp_path / "node", tiny_model, 3, database_url=database_url)
     with node:
+        # One series over nine associations held open, seen spread over processes.
         associations = [associate(node.port, slices[0], calling_ae=f"CT{n}") for n in range(9)]
         try:
             serving = established_connections([node.pid, *descendants(node.pid)], node.port)
             assert len(serving) >= 2, serving
-
-            def send_share(index: int) -> list[int]:
-                association = associations[index]
-                return [int(association.send_c_store(d).Status) for d in slices[index::9]]
-
-            with ThreadPoolExecutor(9) as senders:  # all at once: the rows race
-                statuses = [
-                    status for share in senders.map(send_share, range(9)) for status in share
-                ]
+            statuses = [
+                int(associations[index % 9].send_c_store(dataset).Status)
+                for index, dataset in enumerate(slices)
+            ]
         finally:
             for association in associations:
                 association.release()
         assert statuses == [0x0000] * len(slices)
-        assert len(list((tmp_path / "node" / "instances").rglob("*.dcm"))) == len(slices)
-        # Their rows make one series, queued once for inference.
-        (job,) = wait_for(lambda: node.jobs("infer"), 30, "the series' infer job")
-        assert job["series_instance_uid"] == slices[0].SeriesInstanceUID
+        # Another by nine DCMTK senders at once, so that the processes' rows race.
+        second = renamed_series(chest_ct(), tmp_path / "second")
+        with ThreadPoolExecutor(9) as senders:
+            sent = list(
+                senders.map(lambda n: storescu(node.port, "PACSNODE", second[n::9]), range(9))
+            )
+        assert all(result.returncode == 0 for result in sent), [r.stderr for r in sent]
+        assert len(list((tmp_path / "node" / "instances").rglob("*.dcm"))) == 2 * len(paths)
+
+        # Their rows make two series, each queued once for inference.
+        def both_queued() -> list[dict[str, Any]] | None:
+            jobs = node.jobs("infer")
+            return jobs if len(jobs) == 2 else None
+
+        jobs = wait_for(both_queued, 30, "the two series' infer jobs")
+        assert {job["series_instance_uid"] for job in jobs} == {
+            slices[0].SeriesInstanceUID,
+            series_uid(second),
+        }
 
 
 def test_a_killed_receive_process_is_restarted_and_its_associations_freed(
