@@ -160,11 +160,7 @@ class AcceptorSettings:
 
 
 def listen(bind: str, port: int) -> socket.socket:
-    """A listening socket, which several processes' acceptors may share.
-
-    Non-blocking: when processes race to accept one connection, the losers
-    must go back to waiting, not block in accept().
-    """
+    """A listening socket, which several processes' acceptors may share."""
     family = socket.AF_INET6 if ":" in bind else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     try:
@@ -174,7 +170,6 @@ def listen(bind: str, port: int) -> socket.socket:
     except BaseException:
         listener.close()
         raise
-    listener.setblocking(False)
     return listener
 
 
@@ -207,7 +202,10 @@ class Acceptor:
             def handle(self) -> None:
                 acceptor._serve_connection(self.request, self.client_address)
 
-        listener.setblocking(False)  # a copy in another process may not say so
+        # Non-blocking: when processes race to accept one connection, the losers
+        # must go back to waiting, not block in accept(). Set here, in each
+        # process: a copy received from another process does not say so.
+        listener.setblocking(False)
         self._server = _Server(listener, Handler)
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="dicom-acceptor", daemon=True

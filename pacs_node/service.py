@@ -117,7 +117,7 @@ class Node:
         # A node that receives keeps CPU-heavy classification in another process,
         # and receives in more than one if told to.
         receiving = "receive" in self.stages
-        infer_elsewhere = "infer" in self.stages and receiving
+        self._infer_elsewhere = "infer" in self.stages and receiving
         self._receive_children = (
             settings.dicom.receive_processes - 1 if receiving and listener is None else 0
         )
@@ -125,9 +125,9 @@ class Node:
         self._slots_lock_file: Path | None = None
         self._children: list[StageProcess] = []
         self._shared_wakes = (
-            (PipeWake(), PipeWake()) if infer_elsewhere or self._receive_children else None
+            (PipeWake(), PipeWake()) if self._infer_elsewhere or self._receive_children else None
         )
-        self._reception = Reception() if infer_elsewhere else reception
+        self._reception = Reception() if self._infer_elsewhere else reception
         self._infer_wake: Wake
         self._send_wake: Wake
         self._infer_wake, self._send_wake = (
@@ -158,7 +158,7 @@ class Node:
         # torch costs ~1 GB of memory and seconds of start-up, which receive-
         # and send-only processes never need.
         classifier = None
-        if "infer" in self.stages and "receive" in self.stages:
+        if self._infer_elsewhere:
             assert self._shared_wakes is not None
             infer_child = StageProcess(settings, "infer", self._shared_wakes, self._reception)
             self._children.append(infer_child)
