@@ -17,6 +17,7 @@ line is the ratio.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import statistics
 import tempfile
@@ -26,13 +27,14 @@ from pathlib import Path
 
 import pydicom
 import torch
+from pydicom.filereader import read_file_meta_info
 
 from models.artifact import load_artifact
-from models.pixel_layout import pixel_layout
 from models.predictor import SlicePredictor
 from models.preprocessing import tensor_from_dataset
-from pacs_node.config import BUNDLED_MODEL
+from pacs_node.config import BUNDLED_MODEL, IntakeSettings
 from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
+from pacs_node.receiver import read_instance
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore, NewInstance
@@ -52,34 +54,28 @@ def queued_store(path: Path, instances: list[NewInstance]) -> JobStore:
 
 
 def stored_instances(root: Path, series: int, slices: int) -> list[NewInstance]:
-    """`series` series of `slices` uncompressed slices, in `root/instances` as received."""
+    """`series` series of `slices` uncompressed slices, in `root/instances`, with the
+    rows the receiver records for them (read by its own `read_instance`)."""
     received = datetime.now(timezone.utc) - timedelta(hours=1)
     instances = []
     for number in range(series):
         for path in long_series(root / "made" / str(number), slices):
-            dataset = pydicom.dcmread(path)
             relative = f"instances/{number}/{path.name}"
             (root / relative).parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, root / relative)
-            layout = pixel_layout(dataset)
+            size = path.stat().st_size
+            transfer_syntax = str(read_file_meta_info(path).TransferSyntaxUID)
+            read = read_instance(root / relative, size, transfer_syntax, IntakeSettings())
             instances.append(
                 NewInstance(
-                    sop_instance_uid=str(dataset.SOPInstanceUID),
-                    sop_class_uid=str(dataset.SOPClassUID),
-                    series_instance_uid=str(dataset.SeriesInstanceUID),
-                    study_instance_uid=str(dataset.StudyInstanceUID),
-                    modality="CT",
-                    transfer_syntax_uid=str(dataset.file_meta.TransferSyntaxUID),
+                    **dataclasses.asdict(read.info),
+                    transfer_syntax_uid=transfer_syntax,
                     path=relative,
-                    size=path.stat().st_size,
+                    size=size,
                     sha256="0" * 64,
                     calling_ae="BENCH",
                     received_at=received,
-                    instance_number=int(dataset.InstanceNumber),
-                    images_in_acquisition=slices,
-                    classifiable=True,
-                    exclusion_reason=None,
-                    pixel_layout=None if layout is None else layout.to_text(),
+                    pixel_layout=read.pixel_layout,
                 )
             )
     return instances
