@@ -1,11 +1,13 @@
-"""The timing fields of the log: where a series' seconds went, as an operator reads them."""
+"""The infer stage's time: the log's timing fields, as an operator reads them, and
+the lease renewals between batches."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -21,7 +23,7 @@ from pacs_node.logs import FieldFormatter
 from pacs_node.report import ReportingNode
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
-from pacs_node.store import JobStore
+from pacs_node.store import JobKind, JobStatus, JobStore
 from pacs_node.worker import InferenceStage
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
@@ -60,23 +62,33 @@ def receive(store: JobStore, storage: Storage, files: list[Path]) -> None:
         )
 
 
+def infer_stage(
+    store: JobStore,
+    storage: Storage,
+    model: Path,
+    batch_size: int,
+    give_way: Callable[[], float] = lambda: 0.0,
+) -> InferenceStage:
+    return InferenceStage(
+        store,
+        Worker("test:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1),
+        storage,
+        SeriesClassifier(SlicePredictor(load_artifact(model), "cpu"), batch_size),
+        ReportingNode(ae_title="TEST"),
+        destinations=[],
+        send_max_attempts=1,
+        give_way=give_way,
+    )
+
+
 def test_the_completion_and_the_inference_log_where_the_seconds_went(
     tmp_path: Path, store: JobStore, tiny_model: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     storage = Storage(tmp_path / "var", fsync=False)
     receive(store, storage, renamed_series(chest_ct(), tmp_path / "series", count=3))
     assembler = Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=1)
-    predictor = SlicePredictor(load_artifact(tiny_model), "cpu")
-    stage = InferenceStage(
-        store,
-        Worker("test:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1),
-        storage,
-        SeriesClassifier(predictor, batch_size=2),
-        ReportingNode(ae_title="TEST"),
-        destinations=[],
-        send_max_attempts=1,
-        give_way=lambda: 0.25,  # as if C-STOREs arrived after each batch
-    )
+    # As if C-STOREs arrived after each batch.
+    stage = infer_stage(store, storage, tiny_model, batch_size=2, give_way=lambda: 0.25)
     with caplog.at_level(logging.INFO):
         # Complete by content 1.5 s after the last instance.
         assembler.sweep(now=T0 + timedelta(seconds=1.5))
@@ -97,3 +109,36 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
     assert all(float(timings[name]) >= 0 for name in names)
     # The job was due at T0 + 1.5 s and claimed just now: its queue wait is that gap.
     assert float(timings["wait_seconds"]) > 0
+
+
+def test_the_lease_is_renewed_between_batches_once_a_quarter_of_it_has_passed(
+    tmp_path: Path, store: JobStore, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    storage = Storage(tmp_path / "var", fsync=False)
+    for name in ("first", "second"):
+        receive(store, storage, renamed_series(chest_ct(), tmp_path / name, 3, suffix=name))
+    Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=3).sweep(
+        now=T0 + timedelta(seconds=1)
+    )
+    stage = infer_stage(store, storage, tiny_model, batch_size=1)  # three batches a series
+    renewals: list[int] = []
+    heartbeat = store.heartbeat
+
+    def count(job_id: int, worker_id: str, lease_seconds: float) -> bool:
+        renewals.append(job_id)
+        return heartbeat(job_id, worker_id, lease_seconds)
+
+    monkeypatch.setattr(store, "heartbeat", count)
+    assert stage.run_once()  # a 60 s lease: three quick batches renew it never
+    assert renewals == []
+
+    def slow_batches() -> float:
+        time.sleep(0.11)
+        return 0.0
+
+    stage.worker = dataclasses.replace(stage.worker, lease_seconds=0.4)
+    stage.give_way = slow_batches  # 0.11 s a batch, more than a quarter of the lease
+    assert stage.run_once()
+    assert len(renewals) == 3
+    jobs = store.list_jobs(kind=JobKind.INFER)
+    assert [job.status for job in jobs] == [JobStatus.DONE, JobStatus.DONE]
