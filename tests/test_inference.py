@@ -6,6 +6,7 @@ import gc
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Literal
 
@@ -14,15 +15,17 @@ import torch
 from pydicom.dataset import Dataset
 
 from models.artifact import load_artifact
+from models.onnx_network import OnnxNetwork
 from models.predictor import SlicePredictor
 from models.preprocessing import Preprocessing, tensor_from_dataset
 from pacs_node import inference
-from pacs_node.config import InferenceSettings, Settings
+from pacs_node.config import BUNDLED_MODEL, InferenceSettings, Settings
 from pacs_node.errors import ConfigurationError
 from pacs_node.inference import (
     REFERENCE_KEYWORDS,
     SeriesClassifier,
     decode_thread_count,
+    forward_lane_count,
     load_classifier,
 )
 from pacs_node.report import ReportingNode, build_report
@@ -101,6 +104,93 @@ def test_the_default_decode_threads_are_chosen_for_this_machine(tiny_model: Path
     assert classifier.decode_threads == decode_thread_count("auto", torch.device("cpu"))
 
 
+@pytest.mark.parametrize(
+    ("setting", "device", "cores", "lanes"),
+    [
+        ("auto", "cpu", 1, 1),
+        ("auto", "cpu", 2, 2),
+        ("auto", "cpu", 16, 2),
+        (3, "cpu", 2, 3),
+        ("auto", "cuda", 16, 1),
+        (3, "cuda", 16, 1),
+    ],
+)
+def test_auto_forward_lanes_follow_the_device_and_the_cores(
+    setting: int | Literal["auto"], device: str, cores: int, lanes: int
+) -> None:
+    assert forward_lane_count(setting, torch.device(device), cores) == lanes
+
+
+def test_the_default_forward_lanes_share_this_machines_threads(tiny_model: Path) -> None:
+    settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
+    assert settings.inference.forward_lanes == "auto"
+    predictor = load_classifier(settings).predictor
+    lanes = forward_lane_count("auto", torch.device("cpu"))
+    assert predictor.lanes == lanes
+    assert isinstance(predictor.network, OnnxNetwork)
+    assert [
+        session.get_session_options().intra_op_num_threads for session in predictor.network.sessions
+    ] == [max(1, torch.get_num_threads() // lanes)] * lanes
+
+
+def _classifier_with_lanes(model: Path, lanes: int, batch_size: int) -> SeriesClassifier:
+    return load_classifier(
+        Settings(
+            inference=InferenceSettings(
+                model=model, device="cpu", batch_size=batch_size, forward_lanes=lanes
+            )
+        )
+    )
+
+
+def test_forward_lanes_run_that_many_batches_at_once(
+    tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=4)
+    predictor = _classifier_with_lanes(tiny_model, lanes=2, batch_size=2).predictor
+    network = predictor.network
+    # Each forward pass waits until the other is under way: one at a time would time out.
+    both_running = threading.Barrier(2, timeout=10)
+
+    def together(batch: torch.Tensor) -> torch.Tensor:
+        both_running.wait()
+        return network(batch)
+
+    monkeypatch.setattr(predictor, "network", together)
+    classification = SeriesClassifier(predictor, batch_size=2).classify(files)
+    assert len(classification.slices) == 4
+
+
+def test_lanes_give_back_each_slice_its_own_probabilities_in_order(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = renamed_series(chest_ct(), tmp_path / "series", count=6)
+    # The bundled model: a tiny untrained one gives every slice nearly the same numbers.
+    expected = _classifier_with_lanes(BUNDLED_MODEL, lanes=1, batch_size=2).classify(files)
+    first, second = (expected.slices[index]["probabilities"] for index in (0, 2))
+    assert first != pytest.approx(second, abs=1e-3)  # a mix-up of batches would show
+    classifier = _classifier_with_lanes(BUNDLED_MODEL, lanes=2, batch_size=2)
+    network = classifier.predictor.network
+    calls = 0
+
+    def first_finishes_last(batch: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            time.sleep(0.5)  # the second batch, on the other lane, finishes first
+        return network(batch)
+
+    monkeypatch.setattr(classifier.predictor, "network", first_finishes_last)
+    classification = classifier.classify(files)
+    assert [entry["sop_instance_uid"] for entry in classification.slices] == [
+        entry["sop_instance_uid"] for entry in expected.slices
+    ]
+    for entry, reference in zip(classification.slices, expected.slices, strict=True):
+        assert entry["probabilities"] == pytest.approx(reference["probabilities"], abs=1e-6)
+    assert classification.result.evidence == expected.result.evidence
+    assert classification.result.label == expected.result.label
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 def test_inference_decode_threads_decode_that_many_slices_at_once(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch, threads: int
@@ -174,7 +264,7 @@ def test_highdicom_tables_are_loaded_and_frozen_with_the_model(tiny_model: Path)
     script = f"""
 import gc
 from pathlib import Path
-from pacs_node.config import InferenceSettings, Settings
+from pacs_node.config import BUNDLED_MODEL, InferenceSettings, Settings
 from pacs_node.inference import load_classifier
 from pacs_node.report import ReportingNode, build_report
 from tests.peers import chest_ct

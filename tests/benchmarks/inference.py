@@ -2,7 +2,7 @@
 
     .venv/bin/python -m tests.benchmarks.inference [--slices 300] [--batch-size 16]
         [--model ARTIFACT] [--device cpu|cuda] [--rounds 3] [--compile]
-        [--decode-threads 2 [N ...]]
+        [--decode-threads 2 [N ...]] [--lanes N]
 
 The stage: read each file, decode (uncompressed, or JPEG Lossless made with
 DCMTK's dcmcjpeg), preprocess, forward, aggregate, build the SR and write it
@@ -12,11 +12,14 @@ recorded, without parsing (uncompressed words in place, the JPEG Lossless frame
 from its items); "uncompressed, parsed" reads the same files with pydicom, as
 `pacs-node classify` does. The model-only
 reference: the node's own forward pass (SlicePredictor) on the same slices
-already turned into tensors, same batch size, same device, same process.
+already turned into tensors, same batch size, same device, same process, as
+many batches at once as it has lanes (--lanes; by default the node's own
+choice, `inference.forward_lane_count`).
 The table also shows the other ways to run the network, their throughput,
 set-up time and largest probability difference from the node's on the
 same slices, so the node's choice can be checked:
-- on a CPU: eager fp32, channels-last, frozen TorchScript;
+- on a CPU: eager fp32, channels-last, frozen TorchScript, and the node's
+  ONNX Runtime session with one lane (when it has more);
 - on CUDA (where the node runs eager fp32): fp16 and bf16 autocast
   channels-last, fp16 weights, a CUDA graph of the fp16 forward pass, and the
   node's forward pass on the CPU (ONNX Runtime) and eager fp32 on the CPU, so
@@ -48,12 +51,13 @@ import pydicom
 import torch
 
 from models.artifact import Artifact, load_artifact
-from models.predictor import SlicePredictor
+from models.predictor import SlicePredictor, resolve_device
 from models.preprocessing import tensor_from_dataset
 from pacs_node.config import BUNDLED_MODEL
 from pacs_node.inference import (
     SeriesClassifier,
     Slice,
+    forward_lane_count,
     settle_long_lived_objects,
 )
 from pacs_node.report import ReportingNode, build_report
@@ -87,6 +91,19 @@ def model_only(predict: Predict, device: torch.device, batches: list[torch.Tenso
         torch.cuda.synchronize()
     # predict returns numpy: the device is synchronised
     return timed(lambda: [predict(batch) for batch in batches])
+
+
+def node_model_only(predictor: SlicePredictor, batches: list[torch.Tensor]) -> Timing:
+    """The node's own forward passes alone, as many at once as it has lanes."""
+    predictor.predict(batches[0])  # warm-up: first-call allocations
+
+    def run() -> None:
+        with predictor.in_flight() as forwards:
+            for batch in batches:
+                forwards.put(batch)
+            forwards.drain()
+
+    return timed(run)
 
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
@@ -276,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--decode-threads", type=int, nargs="+", default=[2], help="stage runs, one per count"
     )
+    parser.add_argument("--lanes", type=int, default=None, help="default: the node's choice")
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-inference-") as scratch:
         root = Path(scratch)
@@ -285,7 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         artifact = load_artifact(model)
         started = time.perf_counter()
         # A fresh export cache: the set-up time includes the export a first start pays.
-        predictor = SlicePredictor(artifact, arguments.device, onnx_cache=root / "onnx")
+        device = resolve_device(arguments.device)
+        lanes = arguments.lanes or forward_lane_count("auto", device)
+        predictor = SlicePredictor(artifact, arguments.device, root / "onnx", lanes)
         set_up = {NODE: time.perf_counter() - started}
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)  # as load_classifier does
         classifiers = {
@@ -311,7 +331,12 @@ def main(argv: list[str] | None = None) -> int:
         size = arguments.batch_size
         batches = [torch.stack(tensors[i : i + size]) for i in range(0, len(tensors), size)]
         predicts: dict[str, Predict] = {}
-        for name, build in variants(artifact, predictor.device, size, arguments.compile).items():
+        builders = variants(artifact, predictor.device, size, arguments.compile)
+        if predictor.lanes > 1:
+            builders["node with one lane"] = lambda: (
+                SlicePredictor(artifact, arguments.device, root / "onnx").predict
+            )
+        for name, build in builders.items():
             started = time.perf_counter()
             try:
                 predict = build()
@@ -331,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         timings: dict[str, list[Timing]] = defaultdict(list)
         for _ in range(arguments.rounds):
             for name, predict in predicts.items():
-                timings[name].append(model_only(predict, predictor.device, batches))
+                if name == NODE:
+                    timings[name].append(node_model_only(predictor, batches))
+                else:
+                    timings[name].append(model_only(predict, predictor.device, batches))
             for name, paths in inputs.items():
                 for threads, classifier in classifiers.items():
                     stage = f"stage, {name}, {threads} decode threads"
@@ -339,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{arguments.slices} slices, batch {size}, {predictor.device}, "
             f"model {predictor.manifest.model_id}, input {preprocessing.input_size}px, "
-            f"torch threads {torch.get_num_threads()}, {arguments.rounds} rounds (medians); "
+            f"torch threads {torch.get_num_threads()}, {predictor.lanes} lanes, "
+            f"{arguments.rounds} rounds (medians); "
             f"max |dp| and classes against the {NODE}"
         )
         rates = {

@@ -1,7 +1,7 @@
 """Infer stage on a queue of series, job store included, against the model alone.
 
     .venv/bin/python -m tests.benchmarks.queue [--series 4] [--slices 300]
-        [--device cpu|cuda] [--decode-threads 2] [--rounds 3]
+        [--device cpu|cuda] [--decode-threads 2] [--lanes N] [--rounds 3]
 
 The node's own `InferenceStage` takes queued infer jobs from a SQLite job store
 until none is left. For each series it reads the rows, reads the slices
@@ -10,7 +10,7 @@ renews its lease when due. It writes the SR (fsynced), and commits the result
 and the job's end. So it measures more of the stage than `tests.benchmarks.inference`,
 whose stage is one series' classification and SR, with no job store. The
 reference is the node's forward pass alone on the first series' slices as
-ready tensors, same batch size, same process, measured in each round. The last
+ready tensors, same batch size, same lanes, same process, measured in each round. The last
 line is the ratio.
 """
 
@@ -30,16 +30,20 @@ import torch
 from pydicom.filereader import read_file_meta_info
 
 from models.artifact import load_artifact
-from models.predictor import SlicePredictor
+from models.predictor import SlicePredictor, resolve_device
 from models.preprocessing import tensor_from_dataset
 from pacs_node.config import BUNDLED_MODEL, IntakeSettings
-from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
+from pacs_node.inference import (
+    SeriesClassifier,
+    forward_lane_count,
+    settle_long_lived_objects,
+)
 from pacs_node.receiver import read_instance
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore, NewInstance
 from pacs_node.worker import InferenceStage
-from tests.benchmarks.inference import NODE, REPORTING_NODE, model_only
+from tests.benchmarks.inference import NODE, REPORTING_NODE, node_model_only
 from tests.benchmarks.series import long_series
 
 
@@ -98,13 +102,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--decode-threads", type=int, default=2)
+    parser.add_argument("--lanes", type=int, default=None, help="default: the node's choice")
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pacs-node-queue-") as scratch:
         root = Path(scratch)
         instances = stored_instances(root / "var", arguments.series, arguments.slices)
         storage = Storage(root / "var")
-        predictor = SlicePredictor(load_artifact(BUNDLED_MODEL), arguments.device)
+        lanes = arguments.lanes or forward_lane_count("auto", resolve_device(arguments.device))
+        predictor = SlicePredictor(load_artifact(BUNDLED_MODEL), arguments.device, lanes=lanes)
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)
         classifier = SeriesClassifier(predictor, arguments.batch_size, arguments.decode_threads)
         preprocessing = predictor.manifest.preprocessing
@@ -130,13 +136,13 @@ def main(argv: list[str] | None = None) -> int:
             store.close()
             if jobs != arguments.series:
                 raise RuntimeError(f"{jobs} jobs done of {arguments.series}")
-            timing = model_only(predictor.predict, predictor.device, batches)
+            timing = node_model_only(predictor, batches)
             if round_number:
                 stage_rates.append(total / elapsed)
                 model_rates.append(len(tensors) / timing.seconds)
         print(
             f"{arguments.series} series of {arguments.slices} slices, {predictor.device}, "
-            f"batch {size}, {arguments.decode_threads} decode threads, "
+            f"batch {size}, {arguments.decode_threads} decode threads, {predictor.lanes} lanes, "
             f"{arguments.rounds} rounds (medians; per round in brackets)"
         )
         for name, rates in ((f"{NODE}, model only", model_rates), ("stage", stage_rates)):
