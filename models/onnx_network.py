@@ -113,8 +113,8 @@ class OnnxNetwork:
     It holds `lanes` sessions of `threads` threads each, so that many batches can
     run at once, each on its own session; a call finding none free waits for one.
     Several small sessions can beat one wide one: on 2 cores, two sessions of one
-    thread, each running a batch, did 1.10-1.13x the slices/s of one session of two
-    threads (`models.predictor`).
+    thread, each running a batch, did 1.11-1.31x the slices/s of one session of two
+    threads (README, "Forward lanes").
     """
 
     def __init__(self, model: bytes, threads: int, lanes: int = 1) -> None:

@@ -253,9 +253,9 @@ def forward_lane_count(
     """inference.forward_lanes; "auto" is two lanes where there are two cores or more.
 
     On the 2-core VM (session 13) two sessions of one thread ran the bundled model
-    at 1.10-1.13x one session of two threads; in two processes, 1.21x. How far
-    that goes on more cores was not measured: two lanes, each on half of them,
-    is the step measured. With CUDA the GPU runs one batch at a time.
+    at 1.11-1.31x one session of two threads (README, "Forward lanes"). More cores
+    were not measured: there too two lanes, each on half of them, is the one step
+    taken. With CUDA the GPU runs one batch at a time.
     """
     if device.type == "cuda":
         return 1
