@@ -10,14 +10,17 @@ renews its lease when due. It writes the SR (fsynced), and commits the result
 and the job's end. So it measures more of the stage than `tests.benchmarks.inference`,
 whose stage is one series' classification and SR, with no job store. The
 reference is the node's forward pass alone on the first series' slices as
-ready tensors, same batch size, same lanes, same process, measured in each round. The last
-line is the ratio.
+ready tensors, same batch size, same lanes, same process, measured in each round. Then
+where a series' time went, from the stage's own log fields: waiting for decoded
+slices, for the forward passes, the report (SR built, written, result committed),
+and the rest (rows, headers, aggregation). The last line is the ratio.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import shutil
 import statistics
 import tempfile
@@ -85,6 +88,32 @@ def stored_instances(root: Path, series: int, slices: int) -> list[NewInstance]:
     return instances
 
 
+class StageSplit(logging.Handler):
+    """The seconds of each series, from the infer stage's own log line (`Done`)."""
+
+    FIELDS = ("decode_seconds", "forward_seconds", "report_seconds", "seconds")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.series: list[dict[str, float]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if hasattr(record, "forward_seconds"):
+            self.series.append({name: float(getattr(record, name)) for name in self.FIELDS})
+
+    def summary(self) -> str:
+        def median(name: str) -> float:
+            return statistics.median(entry[name] for entry in self.series)
+
+        parts = {name: median(f"{name}_seconds") for name in ("decode", "forward", "report")}
+        total = median("seconds")
+        words = ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
+        return (
+            f"per series, medians of {len(self.series)} (s): {words}, "
+            f"other {total - sum(parts.values()):.2f}, in all {total:.2f}"
+        )
+
+
 def drain(stage: InferenceStage) -> int:
     """Run the stage until the queue is empty; the jobs it took."""
     jobs = 0
@@ -123,6 +152,10 @@ def main(argv: list[str] | None = None) -> int:
         worker = Worker(
             "bench:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1
         )
+        split = StageSplit()
+        stage_log = logging.getLogger("pacs_node.stage")
+        stage_log.setLevel(logging.INFO)
+        stage_log.addHandler(split)
         stage_rates, model_rates = [], []
         total = arguments.series * arguments.slices
         for round_number in range(arguments.rounds + 1):  # round 0 warms up, uncounted
@@ -140,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             if round_number:
                 stage_rates.append(total / elapsed)
                 model_rates.append(len(tensors) / timing.seconds)
+            else:
+                split.series.clear()
         print(
             f"{arguments.series} series of {arguments.slices} slices, {predictor.device}, "
             f"batch {size}, {arguments.decode_threads} decode threads, {predictor.lanes} lanes, "
@@ -148,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, rates in ((f"{NODE}, model only", model_rates), ("stage", stage_rates)):
             per_round = ", ".join(f"{rate:.0f}" for rate in rates)
             print(f"{name:<40} {statistics.median(rates):8.1f} slices/s ({per_round})")
+        print(split.summary())
         ratios = [a / b for a, b in zip(stage_rates, model_rates, strict=True)]
         print(
             f"ratio stage/model-only: {statistics.median(ratios):.2f} "
