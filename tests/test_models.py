@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import shutil
 import subprocess
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import pydicom
 import pytest
 import torch
 import torch.nn.functional as functional
+from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, get_frame
 from pydicom.pixels.decoders.base import get_decoder
@@ -823,6 +826,34 @@ def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
     assert restarted.predict(inputs) == pytest.approx(probabilities, abs=1e-6)
     with pytest.raises(ValueError, match=r"expected a \(n, 3, 64, 64\) batch"):
         restarted.predict(torch.zeros(1, 3, 32, 32))
+
+
+def _at_once(
+    network: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]
+) -> list[Any]:
+    """Each batch's logits, or its error, each from a thread of its own. Daemon
+    threads: a call that never returns fails the test instead of hanging it."""
+    results: queue.Queue[Any] = queue.Queue()
+
+    def run(batch: torch.Tensor) -> None:
+        try:
+            results.put(network(batch))
+        except Exception as error:  # returned to the test, which checks its type
+            results.put(error)
+
+    for batch in batches:
+        threading.Thread(target=run, args=(batch,), daemon=True).start()
+    return [results.get(timeout=30) for _ in batches]
+
+
+def test_a_forward_pass_that_fails_gives_its_lane_back(tiny_model: Path, tmp_path: Path) -> None:
+    network = SlicePredictor(load_artifact(tiny_model), "cpu", tmp_path, lanes=2).network
+    two_channels = torch.zeros(1, 2, 64, 64)  # ONNX Runtime refuses the shape
+    for _ in range(3):  # more failures than lanes: a lost session would block the third
+        (error,) = _at_once(network, [two_channels])
+        assert isinstance(error, InvalidArgument)
+    both = _at_once(network, [torch.zeros(2, 3, 64, 64)] * 2)
+    assert [logits.shape for logits in both] == [(2, 3)] * 2
 
 
 def test_a_cached_export_that_disagrees_with_the_artifact_is_exported_again(
