@@ -248,9 +248,11 @@ def decode_thread_count(
 
 
 def forward_lane_count(
-    setting: int | Literal["auto"], device: torch.device, cores: int | None = None
+    setting: int | Literal["auto"], device: torch.device, threads: int | None = None
 ) -> int:
-    """inference.forward_lanes; "auto" is two lanes where there are two cores or more.
+    """inference.forward_lanes; "auto" is two lanes where torch has two threads or
+    more (`threads`; by default torch's own count, one per core unless limited, as
+    by OMP_NUM_THREADS): the lanes share those threads, so a limit still holds.
 
     On the 2-core VM (session 13) two sessions of one thread ran the bundled model
     at 1.11-1.31x one session of two threads (README, "Forward lanes"). More cores
@@ -261,8 +263,7 @@ def forward_lane_count(
         return 1
     if setting != "auto":
         return setting
-    cores = cores or len(os.sched_getaffinity(0))
-    return min(2, cores)
+    return min(2, threads or torch.get_num_threads())
 
 
 def settle_long_lived_objects(manifest: Manifest, node: ReportingNode) -> None:

@@ -105,7 +105,7 @@ def test_the_default_decode_threads_are_chosen_for_this_machine(tiny_model: Path
 
 
 @pytest.mark.parametrize(
-    ("setting", "device", "cores", "lanes"),
+    ("setting", "device", "threads", "lanes"),
     [
         ("auto", "cpu", 1, 1),
         ("auto", "cpu", 2, 2),
@@ -115,10 +115,10 @@ def test_the_default_decode_threads_are_chosen_for_this_machine(tiny_model: Path
         (3, "cuda", 16, 1),
     ],
 )
-def test_auto_forward_lanes_follow_the_device_and_the_cores(
-    setting: int | Literal["auto"], device: str, cores: int, lanes: int
+def test_auto_forward_lanes_follow_the_device_and_torchs_threads(
+    setting: int | Literal["auto"], device: str, threads: int, lanes: int
 ) -> None:
-    assert forward_lane_count(setting, torch.device(device), cores) == lanes
+    assert forward_lane_count(setting, torch.device(device), threads) == lanes
 
 
 def test_the_default_forward_lanes_share_this_machines_threads(tiny_model: Path) -> None:
@@ -131,6 +131,21 @@ def test_the_default_forward_lanes_share_this_machines_threads(tiny_model: Path)
     assert [
         session.get_session_options().intra_op_num_threads for session in predictor.network.sessions
     ] == [max(1, torch.get_num_threads() // lanes)] * lanes
+
+
+def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(tiny_model: Path) -> None:
+    settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
+    try:
+        predictor = load_classifier(settings).predictor
+    finally:
+        torch.set_num_threads(previous)
+    assert predictor.lanes == 1
+    assert isinstance(predictor.network, OnnxNetwork)
+    assert [
+        session.get_session_options().intra_op_num_threads for session in predictor.network.sessions
+    ] == [1]
 
 
 def _classifier_with_lanes(model: Path, lanes: int, batch_size: int) -> SeriesClassifier:
