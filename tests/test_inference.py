@@ -127,10 +127,7 @@ def test_the_default_forward_lanes_share_this_machines_threads(tiny_model: Path)
     predictor = load_classifier(settings).predictor
     lanes = forward_lane_count("auto", torch.device("cpu"))
     assert predictor.lanes == lanes
-    assert isinstance(predictor.network, OnnxNetwork)
-    assert [
-        session.get_session_options().intra_op_num_threads for session in predictor.network.sessions
-    ] == [max(1, torch.get_num_threads() // lanes)] * lanes
+    assert _session_threads(predictor) == [max(1, torch.get_num_threads() // lanes)] * lanes
 
 
 def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(tiny_model: Path) -> None:
@@ -142,10 +139,15 @@ def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(tiny_model: P
     finally:
         torch.set_num_threads(previous)
     assert predictor.lanes == 1
+    assert _session_threads(predictor) == [1]
+
+
+def _session_threads(predictor: SlicePredictor) -> list[int]:
+    """The ONNX Runtime threads of each of the predictor's sessions, one per lane."""
     assert isinstance(predictor.network, OnnxNetwork)
-    assert [
+    return [
         session.get_session_options().intra_op_num_threads for session in predictor.network.sessions
-    ] == [1]
+    ]
 
 
 def _classifier_with_lanes(model: Path, lanes: int, batch_size: int) -> SeriesClassifier:
