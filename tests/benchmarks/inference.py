@@ -93,6 +93,14 @@ def model_only(predict: Predict, device: torch.device, batches: list[torch.Tenso
     return timed(lambda: [predict(batch) for batch in batches])
 
 
+def node_predictor(
+    artifact: Artifact, device: str, lanes: int | None, onnx_cache: Path | None = None
+) -> SlicePredictor:
+    """The node's predictor, with `lanes` or, by default, the node's own choice."""
+    chosen = lanes or forward_lane_count("auto", resolve_device(device))
+    return SlicePredictor(artifact, device, onnx_cache, chosen)
+
+
 def node_model_only(predictor: SlicePredictor, batches: list[torch.Tensor]) -> Timing:
     """The node's own forward passes alone, as many at once as it has lanes."""
     predictor.predict(batches[0])  # warm-up: first-call allocations
@@ -303,9 +311,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact = load_artifact(model)
         started = time.perf_counter()
         # A fresh export cache: the set-up time includes the export a first start pays.
-        device = resolve_device(arguments.device)
-        lanes = arguments.lanes or forward_lane_count("auto", device)
-        predictor = SlicePredictor(artifact, arguments.device, root / "onnx", lanes)
+        predictor = node_predictor(artifact, arguments.device, arguments.lanes, root / "onnx")
         set_up = {NODE: time.perf_counter() - started}
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)  # as load_classifier does
         classifiers = {

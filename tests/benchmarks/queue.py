@@ -33,20 +33,15 @@ import torch
 from pydicom.filereader import read_file_meta_info
 
 from models.artifact import load_artifact
-from models.predictor import SlicePredictor, resolve_device
 from models.preprocessing import tensor_from_dataset
 from pacs_node.config import BUNDLED_MODEL, IntakeSettings
-from pacs_node.inference import (
-    SeriesClassifier,
-    forward_lane_count,
-    settle_long_lived_objects,
-)
+from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
 from pacs_node.receiver import read_instance
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore, NewInstance
 from pacs_node.worker import InferenceStage
-from tests.benchmarks.inference import NODE, REPORTING_NODE, node_model_only
+from tests.benchmarks.inference import NODE, REPORTING_NODE, node_model_only, node_predictor
 from tests.benchmarks.series import long_series
 
 
@@ -138,8 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(scratch)
         instances = stored_instances(root / "var", arguments.series, arguments.slices)
         storage = Storage(root / "var")
-        lanes = arguments.lanes or forward_lane_count("auto", resolve_device(arguments.device))
-        predictor = SlicePredictor(load_artifact(BUNDLED_MODEL), arguments.device, lanes=lanes)
+        predictor = node_predictor(load_artifact(BUNDLED_MODEL), arguments.device, arguments.lanes)
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)
         classifier = SeriesClassifier(predictor, arguments.batch_size, arguments.decode_threads)
         preprocessing = predictor.manifest.preprocessing
