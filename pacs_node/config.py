@@ -154,6 +154,10 @@ class InferenceSettings(Section):
     # Runtime session on an equal share of torch's threads; "auto" chooses by
     # device and threads (`inference.forward_lane_count`). With CUDA there is one.
     forward_lanes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
+    # Processes that run the infer stage side by side, each on an equal share of
+    # the cores, one series each at a time; "auto" chooses by cores
+    # (`stage_process.infer_process_count`).
+    processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # CPU priority (nice) of the infer process a receiving `serve` starts: it
     # gets the CPU the receiver leaves, so C-STOREs stay fast during inference.
     nice: int = Field(default=19, ge=0, le=19)

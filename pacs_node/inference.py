@@ -210,8 +210,15 @@ def _without_garbage_collection() -> Iterator[None]:
             gc.enable()
 
 
-def load_classifier(settings: Settings) -> SeriesClassifier:
-    """The configured model artifact, verified, on the configured device."""
+def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
+    """The configured model artifact, verified, on the configured device.
+
+    `processes`: how many infer processes share this host's cores (inference.processes).
+    This process then takes its share: of torch's threads, which the forward lanes
+    split, and of the cores the decode threads are chosen by.
+    """
+    if processes > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // processes))
     try:
         artifact = load_artifact(settings.inference.model)
     except ArtifactError as error:
@@ -226,7 +233,8 @@ def load_classifier(settings: Settings) -> SeriesClassifier:
         settle_long_lived_objects(predictor.manifest, reporting_node(settings))
     except ReportError as error:
         raise ConfigurationError(f"no valid report can be made: {error}") from error
-    threads = decode_thread_count(settings.inference.decode_threads, predictor.device)
+    cores = max(1, len(os.sched_getaffinity(0)) // processes)
+    threads = decode_thread_count(settings.inference.decode_threads, predictor.device, cores)
     return SeriesClassifier(predictor, settings.inference.batch_size, threads)
 
 

@@ -3,8 +3,9 @@
 Stages never call each other; they meet in the job store and the storage
 root. Within one `serve` the only link is a pair of wake-up events, so a
 series that completes is picked up at once instead of at the next poll. A
-`serve` that receives runs its infer stage in a child process, and with
-dicom.receive_processes above 1 more receiving ones (see `stage_process`).
+`serve` that receives runs its infer stage in inference.processes child
+processes, and with dicom.receive_processes above 1 more receiving ones; one
+that only infers is the first of its infer processes (see `stage_process`).
 Every process also runs the periodic work (series
 completion sweep, lease reaper, retention): all are safe to run from many
 processes at once.
@@ -37,14 +38,20 @@ from pacs_node.report import reporting_node
 from pacs_node.retention import Retention
 from pacs_node.sender import SendStage
 from pacs_node.stage import Worker
-from pacs_node.stage_process import ModelInfo, PipeWake, SharedListener, StageProcess
+from pacs_node.stage_process import (
+    ModelInfo,
+    PipeWake,
+    SharedListener,
+    StageProcess,
+    infer_process_count,
+)
 from pacs_node.storage import Storage
 from pacs_node.store import JobStatus, JobStore
 
 log = logging.getLogger(__name__)
 
 STAGES = ("receive", "infer", "send")
-# How often a `serve` checks that its infer process is still running.
+# How often a `serve` checks that its child processes are still running.
 WATCH_SECONDS = 10.0
 
 
@@ -114,10 +121,18 @@ class Node:
         self.settings = settings
         self.stages = tuple(stage for stage in STAGES if stage in stages)
         self._stopping = threading.Event()
-        # A node that receives keeps CPU-heavy classification in another process,
-        # and receives in more than one if told to.
+        # A node that receives keeps CPU-heavy classification in other processes,
+        # and receives in more than one if told to. A child (given `wakes`) runs
+        # its one stage itself.
         receiving = "receive" in self.stages
-        self._infer_elsewhere = "infer" in self.stages and receiving
+        first = wakes is None
+        self._infer_processes = (
+            infer_process_count(settings.inference.processes) if "infer" in self.stages else 0
+        )
+        self._infer_here = "infer" in self.stages and not receiving
+        self._infer_children = (
+            self._infer_processes - (1 if self._infer_here else 0) if first else 0
+        )
         self._receive_children = (
             settings.dicom.receive_processes - 1 if receiving and listener is None else 0
         )
@@ -125,9 +140,9 @@ class Node:
         self._slots_lock_file: Path | None = None
         self._children: list[StageProcess] = []
         self._shared_wakes = (
-            (PipeWake(), PipeWake()) if self._infer_elsewhere or self._receive_children else None
+            (PipeWake(), PipeWake()) if self._infer_children or self._receive_children else None
         )
-        self._reception = Reception() if self._infer_elsewhere else reception
+        self._reception = Reception() if receiving and self._infer_children else reception
         self._infer_wake: Wake
         self._send_wake: Wake
         self._infer_wake, self._send_wake = (
@@ -158,19 +173,15 @@ class Node:
         # torch costs ~1 GB of memory and seconds of start-up, which receive-
         # and send-only processes never need.
         classifier = None
-        if self._infer_elsewhere:
-            assert self._shared_wakes is not None
-            infer_child = StageProcess(settings, "infer", self._shared_wakes, self._reception)
-            self._children.append(infer_child)
-            self.model = infer_child.start()
-        elif "infer" in self.stages:
+        if self._infer_here:
             from pacs_node.inference import load_classifier
             from pacs_node.worker import InferenceStage
 
-            classifier = load_classifier(settings)
+            classifier = load_classifier(settings, self._infer_processes)
             self.model = ModelInfo(
                 classifier.predictor.manifest.model_id, str(classifier.predictor.device)
             )
+        self._start_infer_children()
         storage = Storage(settings.storage.root, settings.storage.fsync)
         # A transfer stalls at most network_timeout between fragments; a file
         # in incoming/ untouched for much longer has no live writer.
@@ -292,6 +303,22 @@ class Node:
                 id="watch-children",
             )
 
+    def _start_infer_children(self) -> None:
+        """One after another: the first exports the ONNX model the others then read."""
+        if not self._infer_children:
+            return
+        assert self._shared_wakes is not None
+        for index in range(1, self._infer_children + 1):
+            child = StageProcess(
+                self.settings,
+                "infer",
+                self._shared_wakes,
+                self._reception,
+                name=f"infer process {index}" if self._infer_processes > 1 else "",
+            )
+            self._children.append(child)
+            self.model = child.start() or self.model
+
     def _start_receiving_children(self) -> None:
         """With dicom.receive_processes above 1: the listening socket, shared with
         that many processes less one, this one's receiver being the first."""
@@ -340,6 +367,8 @@ class Node:
         )
         if self._receive_children:
             listening += f" ({self._receive_children + 1} processes)"
+        if self._infer_processes > 1:
+            device += f" ({self._infer_processes} processes)"
         return (
             f"stages {','.join(self.stages)}; listening {listening}; model {model} on {device}; "
             f"{len(settings.results.destinations)} destination(s)"

@@ -6,7 +6,10 @@ decoding, preprocessing). In the receiving process it halved the ingest rate
 while a series was classified (measured with
 `tests.benchmarks.ingest_under_load`). In its own process at `inference.nice`,
 it gets the CPU the receiver leaves, and torch's memory stays out of the
-process that answers C-STOREs.
+process that answers C-STOREs. With inference.processes above 1, more infer
+processes take series side by side, each on its share of the cores: a series'
+SR and job steps run on one core beside its forward passes, and another
+process's series fills the cores meanwhile (`infer_process_count`).
 
 Receiving, with dicom.receive_processes above 1. Why: one process serves its
 associations in threads that take turns at one GIL. On a 16-core host four
@@ -32,6 +35,7 @@ import socket
 import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from typing import Literal
 
 from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import Settings
@@ -46,6 +50,26 @@ _CONTEXT = multiprocessing.get_context("spawn")
 START_TIMEOUT_SECONDS = 600.0
 # How often the child checks that its parent is still there.
 _PARENT_CHECK_SECONDS = 1.0
+
+
+def infer_process_count(setting: int | Literal["auto"], cores: int | None = None) -> int:
+    """inference.processes; "auto" is one infer process per 4 cores (`cores`; by
+    default those this process may run on), 1 to 4.
+
+    One process's series takes ~0.2 s of serial work on one core (the SR, the
+    job's steps) beside its forward passes. On the 16-core host of an H200 one
+    process classified queued series at 558 slices/s on the GPU, two at 1111 and
+    four at 1599 (session 14, README "Infer processes"); on that host's CPU one
+    process reached only 0.38-0.41 of the forward pass alone. Each process holds
+    its own model and torch (~730 MB), so a 2-core server keeps one, within the
+    1.5 GB the node is held to there.
+
+    Without torch: a receiving `serve` decides before any model is loaded.
+    """
+    if setting != "auto":
+        return setting
+    cores = cores or len(os.sched_getaffinity(0))
+    return min(4, max(1, cores // 4))
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,8 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("PACS_NODE_INFERENCE__DECODE_THREADS", "many", "inference.decode_threads"),
         ("PACS_NODE_INFERENCE__FORWARD_LANES", "0", "inference.forward_lanes"),
         ("PACS_NODE_INFERENCE__FORWARD_LANES", "wide", "inference.forward_lanes"),
+        ("PACS_NODE_INFERENCE__PROCESSES", "0", "inference.processes"),
+        ("PACS_NODE_INFERENCE__PROCESSES", "many", "inference.processes"),
         ("PACS_NODE_DICOM__RECEIVE_PROCESSES", "0", "dicom.receive_processes"),
     ],
 )

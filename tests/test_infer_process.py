@@ -1,11 +1,16 @@
-"""A receiving `serve` classifies in a child process: niced, restarted, never orphaned."""
+"""A receiving `serve` classifies in child processes: niced, restarted, never orphaned,
+as many as inference.processes, each taking series from the queue on its own."""
 
 from __future__ import annotations
 
 import os
 import signal
 from pathlib import Path
+from typing import Literal
 
+import pytest
+
+from pacs_node.stage_process import infer_process_count
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
@@ -39,6 +44,10 @@ def classified(node: NodeProcess) -> int:
     return sum("series classified" in line for line in list(node.lines))
 
 
+def wait_until_classified(node: NodeProcess, series: int) -> None:
+    wait_for(lambda: classified(node) == series, 60, f"{series} series classified")
+
+
 def test_classification_runs_niced_in_a_child_that_is_restarted_when_it_dies(
     tmp_path: Path, tiny_model: Path
 ) -> None:
@@ -49,14 +58,14 @@ def test_classification_runs_niced_in_a_child_that_is_restarted_when_it_dies(
         assert nice(infer) == 7 and nice(node.pid) == 0
         first = renamed_series(chest_ct(), tmp_path / "first", count=3)
         assert storescu(node.port, "PACSNODE", first).returncode == 0
-        wait_for(lambda: classified(node) == 1, 60, "the first series classified")
+        wait_until_classified(node, 1)
 
         os.kill(infer, signal.SIGKILL)
         wait_for(lambda: node.has_logged("infer process exited with code -9"), 30, "the log")
         wait_for(lambda: infer_children(node.pid) not in ([], [infer]), 60, "a new infer process")
         second = renamed_series(chest_ct(), tmp_path / "second", count=3)
         assert storescu(node.port, "PACSNODE", second).returncode == 0
-        wait_for(lambda: classified(node) == 2, 60, "the second series classified")
+        wait_until_classified(node, 2)
 
 
 def test_the_child_stops_when_its_parent_is_killed(tmp_path: Path, tiny_model: Path) -> None:
@@ -64,3 +73,53 @@ def test_the_child_stops_when_its_parent_is_killed(tmp_path: Path, tiny_model: P
     (infer,) = infer_children(node.pid)
     node.stop(signal.SIGKILL)
     wait_for(lambda: not alive(infer), 30, "the orphaned infer process to stop")
+
+
+@pytest.mark.parametrize(
+    ("setting", "cores", "processes"),
+    [
+        ("auto", 1, 1),
+        ("auto", 2, 1),
+        ("auto", 7, 1),
+        ("auto", 8, 2),
+        ("auto", 16, 4),
+        ("auto", 64, 4),
+        (3, 2, 3),
+    ],
+)
+def test_auto_infer_processes_follow_the_cores(
+    setting: int | Literal["auto"], cores: int, processes: int
+) -> None:
+    assert infer_process_count(setting, cores) == processes
+
+
+def test_each_of_two_infer_processes_classifies_while_the_other_is_stopped(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    settings = {
+        "PACS_NODE_INFERENCE__PROCESSES": "2",
+        # Woken by the completed series, not by polling: a process stopped while it
+        # polls could hold the SQLite write lock (a poll every 5 s makes that unlikely).
+        "PACS_NODE_QUEUE__POLL_SECONDS": "5",
+    }
+    with NodeProcess(tmp_path / "node", tiny_model, settings=settings) as node:
+        assert any(" ready: " in line and "(2 processes)" in line for line in node.lines)
+        children = infer_children(node.pid)
+        assert len(children) == 2
+        for number, stopped in enumerate(children, start=1):
+            os.kill(stopped, signal.SIGSTOP)
+            try:
+                series = renamed_series(chest_ct(), tmp_path / f"series-{number}", count=3)
+                assert storescu(node.port, "PACSNODE", series).returncode == 0
+                wait_until_classified(node, number)
+            finally:
+                os.kill(stopped, signal.SIGCONT)
+
+
+def test_an_infer_only_serve_is_the_first_of_its_infer_processes(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    settings = {"PACS_NODE_INFERENCE__PROCESSES": "3"}
+    with NodeProcess(tmp_path / "node", tiny_model, stages="infer", settings=settings) as node:
+        assert any(" ready: " in line and "(3 processes)" in line for line in node.lines)
+        assert len(infer_children(node.pid)) == 2

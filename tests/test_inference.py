@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import threading
@@ -140,6 +141,25 @@ def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(tiny_model: P
         torch.set_num_threads(previous)
     assert predictor.lanes == 1
     assert _session_threads(predictor) == [1]
+
+
+def test_an_infer_process_takes_its_share_of_the_threads_and_the_cores(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    previous = torch.get_num_threads()
+    torch.set_num_threads(4)
+    try:
+        classifier = load_classifier(settings, processes=2)
+        threads = torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
+    assert threads == 2
+    assert classifier.predictor.lanes == 2
+    assert _session_threads(classifier.predictor) == [1, 1]
+    # A quarter of its 8 cores, where the whole host's 16 would give 4.
+    assert classifier.decode_threads == 2
 
 
 def _session_threads(predictor: SlicePredictor) -> list[int]:
@@ -280,6 +300,7 @@ def test_highdicom_tables_are_loaded_and_frozen_with_the_model(tiny_model: Path)
     loaded after the freeze, every full garbage collection would scan them."""
     script = f"""
 import gc
+import os
 from pathlib import Path
 from pacs_node.config import BUNDLED_MODEL, InferenceSettings, Settings
 from pacs_node.inference import load_classifier

@@ -33,6 +33,7 @@ import torch
 from pydicom.filereader import read_file_meta_info
 
 from models.artifact import load_artifact
+from models.predictor import SlicePredictor
 from models.preprocessing import tensor_from_dataset
 from pacs_node.config import BUNDLED_MODEL, IntakeSettings
 from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
@@ -81,6 +82,22 @@ def stored_instances(root: Path, series: int, slices: int) -> list[NewInstance]:
                 )
             )
     return instances
+
+
+def first_series_batches(
+    root: Path,
+    instances: list[NewInstance],
+    slices: int,
+    predictor: SlicePredictor,
+    batch_size: int,
+) -> list[torch.Tensor]:
+    """The first series' slices as ready tensors, in batches: the model-only input."""
+    preprocessing = predictor.manifest.preprocessing
+    tensors = [
+        tensor_from_dataset(pydicom.dcmread(root / instance.path), preprocessing)
+        for instance in instances[:slices]
+    ]
+    return [torch.stack(tensors[i : i + batch_size]) for i in range(0, slices, batch_size)]
 
 
 class StageSplit(logging.Handler):
@@ -136,13 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         predictor = node_predictor(load_artifact(BUNDLED_MODEL), arguments.device, arguments.lanes)
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)
         classifier = SeriesClassifier(predictor, arguments.batch_size, arguments.decode_threads)
-        preprocessing = predictor.manifest.preprocessing
-        first_series = [root / "var" / instance.path for instance in instances][: arguments.slices]
-        tensors = [
-            tensor_from_dataset(pydicom.dcmread(path), preprocessing) for path in first_series
-        ]
         size = arguments.batch_size
-        batches = [torch.stack(tensors[i : i + size]) for i in range(0, len(tensors), size)]
+        batches = first_series_batches(root / "var", instances, arguments.slices, predictor, size)
         worker = Worker(
             "bench:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1
         )
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
             timing = node_model_only(predictor, batches)
             if round_number:
                 stage_rates.append(total / elapsed)
-                model_rates.append(len(tensors) / timing.seconds)
+                model_rates.append(arguments.slices / timing.seconds)
             else:
                 split.series.clear()
         print(
