@@ -304,20 +304,29 @@ class Node:
             )
 
     def _start_infer_children(self) -> None:
-        """One after another: the first exports the ONNX model the others then read."""
+        """The first alone, unless this process loaded the model already: it may
+        export the ONNX model that the others then read. Then the others at once."""
         if not self._infer_children:
             return
         assert self._shared_wakes is not None
-        for index in range(1, self._infer_children + 1):
-            child = StageProcess(
+        children = [
+            StageProcess(
                 self.settings,
                 "infer",
                 self._shared_wakes,
                 self._reception,
                 name=f"infer process {index}" if self._infer_processes > 1 else "",
             )
-            self._children.append(child)
-            self.model = child.start() or self.model
+            for index in range(1, self._infer_children + 1)
+        ]
+        self._children += children
+        if not self._infer_here:
+            self.model = children[0].start()
+            children = children[1:]
+        for child in children:
+            child.launch()
+        for child in children:
+            self.model = child.wait_until_running() or self.model
 
     def _start_receiving_children(self) -> None:
         """With dicom.receive_processes above 1: the listening socket, shared with

@@ -137,10 +137,16 @@ class StageProcess:
         self.listener = listener
         self.name = name or f"{stage} process"  # for the log
         self._process: multiprocessing.process.BaseProcess | None = None
+        self._report: Connection | None = None  # the launched child's first answer
 
     def start(self) -> ModelInfo | None:
         """Start the child and wait until it runs (an infer stage: its model is
         loaded); its model, or raise what stopped it."""
+        self.launch()
+        return self.wait_until_running()
+
+    def launch(self) -> None:
+        """Start the child; `wait_until_running` then waits for it."""
         receiving, sending = _CONTEXT.Pipe(duplex=False)
         # The same values as a plain Settings: the class load_settings makes is
         # local to it, so it cannot be pickled.
@@ -163,6 +169,14 @@ class StageProcess:
         process.start()
         sending.close()
         self._process = process
+        self._report = receiving
+
+    def wait_until_running(self) -> ModelInfo | None:
+        """Its model once the launched child runs, or raise what stopped it."""
+        process, receiving = self._process, self._report
+        if process is None or receiving is None:
+            raise RuntimeError(f"the {self.name} was not launched")
+        self._report = None
         try:
             if not receiving.poll(START_TIMEOUT_SECONDS):
                 raise ConfigurationError(f"the {self.name} did not start in time")
@@ -193,6 +207,9 @@ class StageProcess:
     def stop(self, timeout: float = 120.0) -> None:
         """Ask the child to finish its current step and stop; kill it if it does not."""
         process, self._process = self._process, None
+        if self._report is not None:  # launched, never waited for
+            self._report.close()
+            self._report = None
         if process is None:
             return
         if process.is_alive():
