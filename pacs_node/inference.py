@@ -263,9 +263,10 @@ def forward_lane_count(
     by OMP_NUM_THREADS): the lanes share those threads, so a limit still holds.
 
     On the 2-core VM (session 13) two sessions of one thread ran the bundled model
-    at 1.11-1.31x one session of two threads (README, "Forward lanes"). More cores
-    were not measured: there too two lanes, each on half of them, is the one step
-    taken. With CUDA the GPU runs one batch at a time.
+    at 1.11-1.31x one session of two threads (README, "Forward lanes"). On a 16-core
+    host (session 14) two lanes of 8 threads ran 1.79x one of 16, and 4 or 8 lanes
+    no more than the rounds' spread beyond that (1.90x). With CUDA the GPU runs one
+    batch at a time.
     """
     if device.type == "cuda":
         return 1
