@@ -93,7 +93,7 @@ def test_auto_infer_processes_follow_the_cores(
     assert infer_process_count(setting, cores) == processes
 
 
-def test_each_of_two_infer_processes_classifies_while_the_other_is_stopped(
+def test_two_infer_processes_each_classify_alone_and_one_that_dies_is_restarted(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     settings = {
@@ -114,6 +114,18 @@ def test_each_of_two_infer_processes_classifies_while_the_other_is_stopped(
                 wait_until_classified(node, number)
             finally:
                 os.kill(stopped, signal.SIGCONT)
+        # One that dies is restarted under its own name; the other runs on.
+        os.kill(children[0], signal.SIGKILL)
+        wait_for(lambda: node.has_logged("exited with code -9; restarting it"), 30, "the log")
+        assert any("infer process 1 exited with code -9" in line for line in node.lines)
+        wait_for(
+            lambda: (
+                len(infer_children(node.pid)) == 2 and children[0] not in infer_children(node.pid)
+            ),
+            60,
+            "a new first infer process",
+        )
+        assert children[1] in infer_children(node.pid)
 
 
 def test_an_infer_only_serve_is_the_first_of_its_infer_processes(
