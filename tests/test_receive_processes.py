@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
 from pacs_node.store import JobStore
@@ -45,6 +46,26 @@ def open_associations(port: int, count: int) -> list[Association]:
     return [associate(port, ct_slice(), calling_ae=f"HOLD{index}") for index in range(count)]
 
 
+def spread_associations(node: NodeProcess, dataset: Dataset, count: int) -> list[Association]:
+    """`count` associations to `node`, held by at least two of its processes.
+
+    Which process accepts is the kernel's choice, and an idle node may hand every
+    one to the same process. Should it, that process is stopped while the last
+    association is made, so that another must accept it.
+    """
+    held = [associate(node.port, dataset, calling_ae=f"HOLD{n}") for n in range(count - 1)]
+    serving = established_connections([node.pid, *descendants(node.pid)], node.port)
+    only = next(iter(serving)) if len(serving) == 1 else None
+    if only is not None:
+        os.kill(only, signal.SIGSTOP)
+    try:
+        held.append(associate(node.port, dataset, calling_ae=f"HOLD{count - 1}"))
+    finally:
+        if only is not None:
+            os.kill(only, signal.SIGCONT)
+    return held
+
+
 def receiving_node(
     folder: Path,
     model: Path,
@@ -66,7 +87,7 @@ def test_associations_spread_over_the_processes_and_count_against_one_limit(
 ) -> None:
     with receiving_node(tmp_path / "node", tiny_model, 3, max_associations=12) as node:
         assert any("(3 processes)" in line for line in node.lines)
-        held = open_associations(node.port, 12)
+        held = spread_associations(node, ct_slice(), 12)
         try:
             serving = established_connections([node.pid, *descendants(node.pid)], node.port)
             assert sum(serving.values()) == 12
@@ -90,7 +111,7 @@ def test_series_sent_over_associations_in_several_processes_are_stored_whole(
     node = receiving_node(tmp_path / "node", tiny_model, 3, database_url=database_url)
     with node:
         # One series over nine associations held open, seen spread over processes.
-        associations = [associate(node.port, slices[0], calling_ae=f"CT{n}") for n in range(9)]
+        associations = spread_associations(node, slices[0], 9)
         try:
             serving = established_connections([node.pid, *descendants(node.pid)], node.port)
             assert len(serving) >= 2, serving
