@@ -108,13 +108,13 @@ class NodeProcess:
         process.send_signal(sig)
         try:
             return process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as error:
             # Fail the test, but leave no node behind (nor its infer child).
             for child in descendants(process.pid):
                 os.kill(child, signal.SIGKILL)
             process.kill()
             process.wait()
-            raise
+            raise AssertionError(f"pacs-node did not stop in 60 s; its log:\n{self.log}") from error
 
     def jobs(self, kind: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """`pacs-node jobs list --json`, optionally for one kind and status."""
