@@ -21,7 +21,6 @@ model alone, and against one process.
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import tempfile
 import time
@@ -31,8 +30,13 @@ from models.artifact import load_artifact
 from pacs_node.config import BUNDLED_MODEL
 from pacs_node.store import JobKind, JobStatus, NewInstance
 from tests.benchmarks.inference import NODE, node_model_only, node_predictor
-from tests.benchmarks.latency import event_time
-from tests.benchmarks.queue import first_series_batches, queued_store, stored_instances
+from tests.benchmarks.latency import event_time, seconds_fields
+from tests.benchmarks.queue import (
+    first_series_batches,
+    print_rates,
+    queued_store,
+    stored_instances,
+)
 from tests.polling import wait_for
 from tests.processes import NodeProcess
 
@@ -78,9 +82,7 @@ def classify_queue(
     finally:
         node.stop()
     per_series = [
-        float(match.group(1))
-        for line in node.lines
-        if "series classified" in line and (match := re.search(r" seconds=([\d.]+)", line))
+        seconds_fields(line)["seconds"] for line in node.lines if "series classified" in line
     ]
     return ended - started, per_series
 
@@ -123,9 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         rows = {f"{NODE}, model only": model_rates}
         rows |= {f"stage, {count} infer processes": stage_rates[count] for count in stage_rates}
-        for name, rates in rows.items():
-            per_round = ", ".join(f"{rate:.0f}" for rate in rates)
-            print(f"{name:<44} {statistics.median(rates):8.1f} slices/s ({per_round})")
+        print_rates(rows, width=44)
         for count, values in seconds.items():
             print(f"one series' seconds, {count} processes: median {statistics.median(values):.2f}")
         model = statistics.median(model_rates)

@@ -50,13 +50,16 @@ STAGES = (
 )
 
 
+def seconds_fields(line: str) -> dict[str, float]:
+    """The `*seconds=` fields of one of the node's log lines."""
+    return {name: float(value) for name, value in re.findall(r"(\w*seconds)=([\d.]+)", line)}
+
+
 def logged_seconds(node: NodeProcess, message: str, uid: str) -> dict[str, float]:
     """The `*seconds=` fields of the node's log line with `message` for series `uid`."""
     for line in node.lines:
         if message in line and f"series_uid={uid}" in line:
-            return {
-                name: float(value) for name, value in re.findall(r"(\w*seconds)=([\d.]+)", line)
-            }
+            return seconds_fields(line)
     raise AssertionError(f"no log line {message!r} for series {uid}")
 
 

@@ -126,6 +126,13 @@ class StageSplit(logging.Handler):
         )
 
 
+def print_rates(rows: dict[str, list[float]], width: int) -> None:
+    """One line per row: the median slices/s, then each round's."""
+    for name, rates in rows.items():
+        per_round = ", ".join(f"{rate:.0f}" for rate in rates)
+        print(f"{name:<{width}} {statistics.median(rates):8.1f} slices/s ({per_round})")
+
+
 def drain(stage: InferenceStage) -> int:
     """Run the stage until the queue is empty; the jobs it took."""
     jobs = 0
@@ -186,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             f"batch {size}, {arguments.decode_threads} decode threads, {predictor.lanes} lanes, "
             f"{arguments.rounds} rounds (medians; per round in brackets)"
         )
-        for name, rates in ((f"{NODE}, model only", model_rates), ("stage", stage_rates)):
-            per_round = ", ".join(f"{rate:.0f}" for rate in rates)
-            print(f"{name:<40} {statistics.median(rates):8.1f} slices/s ({per_round})")
+        print_rates({f"{NODE}, model only": model_rates, "stage": stage_rates}, width=40)
         print(split.summary())
         ratios = [a / b for a, b in zip(stage_rates, model_rates, strict=True)]
         print(
