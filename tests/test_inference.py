@@ -300,7 +300,6 @@ def test_highdicom_tables_are_loaded_and_frozen_with_the_model(tiny_model: Path)
     loaded after the freeze, every full garbage collection would scan them."""
     script = f"""
 import gc
-import os
 from pathlib import Path
 from pacs_node.config import BUNDLED_MODEL, InferenceSettings, Settings
 from pacs_node.inference import load_classifier

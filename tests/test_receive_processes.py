@@ -42,8 +42,15 @@ def established_connections(pids: list[int], port: int) -> Counter[int]:
     return held
 
 
-def open_associations(port: int, count: int) -> list[Association]:
-    return [associate(port, ct_slice(), calling_ae=f"HOLD{index}") for index in range(count)]
+def open_associations(
+    port: int, count: int, dataset: Dataset | None = None, first: int = 0
+) -> list[Association]:
+    """`count` associations, called HOLD<first>, HOLD<first + 1>, ... for `dataset`'s
+    SOP class (by default a CT slice's)."""
+    dataset = dataset or ct_slice()
+    return [
+        associate(port, dataset, calling_ae=f"HOLD{index}") for index in range(first, first + count)
+    ]
 
 
 def spread_associations(node: NodeProcess, dataset: Dataset, count: int) -> list[Association]:
@@ -53,13 +60,13 @@ def spread_associations(node: NodeProcess, dataset: Dataset, count: int) -> list
     one to the same process. Should it, that process is stopped while the last
     association is made, so that another must accept it.
     """
-    held = [associate(node.port, dataset, calling_ae=f"HOLD{n}") for n in range(count - 1)]
+    held = open_associations(node.port, count - 1, dataset)
     serving = established_connections([node.pid, *descendants(node.pid)], node.port)
     only = next(iter(serving)) if len(serving) == 1 else None
     if only is not None:
         os.kill(only, signal.SIGSTOP)
     try:
-        held.append(associate(node.port, dataset, calling_ae=f"HOLD{count - 1}"))
+        held += open_associations(node.port, 1, dataset, first=count - 1)
     finally:
         if only is not None:
             os.kill(only, signal.SIGCONT)
