@@ -8,17 +8,16 @@ import logging
 import os
 import signal
 import sys
-import threading
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 
 from pacs_node import __version__
 from pacs_node.config import DEFAULT_CONFIG, Settings, load_settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
-from pacs_node.logs import configure_logging
+from pacs_node.logs import configure_logging, enable_stack_dumps
 from pacs_node.service import STAGES, Node, open_store
+from pacs_node.stop_signals import StopSignals
 from pacs_node.store import Job, JobKind, JobStatus, JobStore
 
 log = logging.getLogger("pacs_node")
@@ -109,18 +108,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _serve(settings: Settings, stages: list[str]) -> int:
     node = Node(settings, stages)
-    stop = threading.Event()
-
-    def request_stop(signum: int, frame: FrameType | None) -> None:
-        log.info(f"received {signal.Signals(signum).name}, stopping", extra={"action": "stop"})
-        stop.set()
-
-    signal.signal(signal.SIGTERM, request_stop)
-    signal.signal(signal.SIGINT, request_stop)
+    stop_signals = StopSignals([signal.SIGTERM, signal.SIGINT])
+    enable_stack_dumps()
     node.start()
     log.info(f"pacs-node {__version__} ready: {node.describe()}", extra={"action": "ready"})
     try:
-        stop.wait()
+        received = None
+        while received is None:
+            received = stop_signals.wait()
+        log.info(f"received {received.name}, stopping", extra={"action": "stop"})
     finally:
         node.stop()
     return EXIT_OK

@@ -8,7 +8,9 @@ UIDs, AE titles, job ids and counts only.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import signal
 import sys
 
 FIELDS = (
@@ -56,3 +58,11 @@ def configure_logging(level: str) -> None:
     logging.getLogger("apscheduler").setLevel(logging.WARNING)
     # highdicom narrates every module it copies into a report at INFO.
     logging.getLogger("highdicom").setLevel(logging.WARNING)
+
+
+def enable_stack_dumps() -> None:
+    """A `serve` process writes every thread's stack to the log on SIGUSR1, and on a
+    crash in native code (torch, ONNX Runtime). Why: a node that hangs or dies must
+    say where; stacks name code, never data."""
+    faulthandler.enable(sys.stderr)
+    faulthandler.register(signal.SIGUSR1, sys.stderr, all_threads=True)

@@ -32,7 +32,6 @@ import os
 import select
 import signal
 import socket
-import threading
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal
@@ -40,8 +39,9 @@ from typing import Literal
 from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import Settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
-from pacs_node.logs import configure_logging
+from pacs_node.logs import configure_logging, enable_stack_dumps
 from pacs_node.reception import Reception
+from pacs_node.stop_signals import StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -234,10 +234,10 @@ def _child_main(
     from pacs_node.service import Node
 
     configure_logging(settings.logging.level)
+    enable_stack_dumps()
     if stage == "infer":
         os.nice(settings.inference.nice)
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    stop_signals = StopSignals([signal.SIGTERM])
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C: the parent decides
     node = Node(settings, [stage], wakes=wakes, reception=reception, listener=listener)
     try:
@@ -249,7 +249,7 @@ def _child_main(
     report.close()
     try:
         # A parent killed with SIGKILL cannot stop its child: notice it is gone.
-        while not stop.wait(_PARENT_CHECK_SECONDS) and os.getppid() == parent:
+        while stop_signals.wait(_PARENT_CHECK_SECONDS) is None and os.getppid() == parent:
             pass
     finally:
         node.stop()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,9 +111,16 @@ class NodeProcess:
         try:
             return process.wait(timeout=60)
         except subprocess.TimeoutExpired as error:
-            # Fail the test, but leave no node behind (nor its infer child).
-            for child in descendants(process.pid):
-                os.kill(child, signal.SIGKILL)
+            # Fail the test with where each of its processes waits (their stacks, in
+            # the log), but leave no node behind (nor its children).
+            stuck = [process.pid, *descendants(process.pid)]
+            for pid in stuck:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGUSR1)
+            time.sleep(2)
+            for child in stuck[1:]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(child, signal.SIGKILL)
             process.kill()
             process.wait()
             raise AssertionError(f"pacs-node did not stop in 60 s; its log:\n{self.log}") from error
