@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +30,7 @@ from models.manifest import Manifest
 from models.predictor import SlicePredictor, resolve_device
 from models.preprocessing import PixelLayout, tensor_from_dataset, tensor_from_layout
 from pacs_node.config import Settings
+from pacs_node.cores import usable_cores
 from pacs_node.errors import ConfigurationError, PermanentError
 from pacs_node.report import ReportError, ReportingNode, rehearse_report, reporting_node
 
@@ -214,11 +214,13 @@ def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
     """The configured model artifact, verified, on the configured device.
 
     `processes`: how many infer processes share this host's cores (inference.processes).
-    This process then takes its share: of torch's threads, which the forward lanes
-    split, and of the cores the decode threads are chosen by.
+    This process then takes its share of the cores it may use (`usable_cores`): of
+    torch's threads, which the forward lanes split, and of the cores the decode
+    threads are chosen by. Torch's own count follows the host, not a container's
+    CPU quota; a lower limit (OMP_NUM_THREADS) still holds.
     """
-    if processes > 1:
-        torch.set_num_threads(max(1, torch.get_num_threads() // processes))
+    cores = usable_cores()
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores) // processes))
     try:
         artifact = load_artifact(settings.inference.model)
     except ArtifactError as error:
@@ -233,8 +235,9 @@ def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
         settle_long_lived_objects(predictor.manifest, reporting_node(settings))
     except ReportError as error:
         raise ConfigurationError(f"no valid report can be made: {error}") from error
-    cores = max(1, len(os.sched_getaffinity(0)) // processes)
-    threads = decode_thread_count(settings.inference.decode_threads, predictor.device, cores)
+    threads = decode_thread_count(
+        settings.inference.decode_threads, predictor.device, max(1, cores // processes)
+    )
     return SeriesClassifier(predictor, settings.inference.batch_size, threads)
 
 
@@ -249,7 +252,7 @@ def decode_thread_count(
     """
     if setting != "auto":
         return setting
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     if device.type == "cuda":
         return min(8, max(2, cores // 2))
     return min(4, max(2, cores // 4))

@@ -38,6 +38,7 @@ from typing import Literal
 
 from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import Settings
+from pacs_node.cores import usable_cores
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.logs import configure_logging, enable_stack_dumps
 from pacs_node.reception import Reception
@@ -54,7 +55,7 @@ _PARENT_CHECK_SECONDS = 1.0
 
 def infer_process_count(setting: int | Literal["auto"], cores: int | None = None) -> int:
     """inference.processes; "auto" is one infer process per 4 cores (`cores`; by
-    default those this process may run on), 1 to 4.
+    default those this process may use, `usable_cores`), 1 to 4.
 
     One process's series takes ~0.2 s of serial work on one core (the SR, the
     job's steps) beside its forward passes. On the 16-core host of an H200 one
@@ -63,12 +64,10 @@ def infer_process_count(setting: int | Literal["auto"], cores: int | None = None
     process reached only 0.38-0.41 of the forward pass alone. Each process holds
     its own model and torch (~730 MB), so a 2-core server keeps one, within the
     1.5 GB the node is held to there.
-
-    Without torch: a receiving `serve` decides before any model is loaded.
     """
     if setting != "auto":
         return setting
-    cores = cores or len(os.sched_getaffinity(0))
+    cores = cores or usable_cores()
     return min(4, max(1, cores // 4))
 
 

@@ -11,6 +11,7 @@ from typing import Literal
 
 import pytest
 
+from pacs_node import stage_process
 from pacs_node.stage_process import infer_process_count
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
@@ -115,6 +116,15 @@ def test_auto_infer_processes_follow_the_cores(
     setting: int | Literal["auto"], cores: int, processes: int
 ) -> None:
     assert infer_process_count(setting, cores) == processes
+
+
+def test_auto_infer_processes_follow_a_cpu_quota_not_the_hosts_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 16 cores to run on, a container's quota of 2 CPUs: one process, not four.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(stage_process, "usable_cores", lambda: 2)
+    assert infer_process_count("auto") == 1
 
 
 def test_two_infer_processes_each_classify_alone_and_one_that_dies_is_restarted(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gc
-import os
 import subprocess
 import sys
 import threading
@@ -133,12 +132,8 @@ def test_the_default_forward_lanes_share_this_machines_threads(tiny_model: Path)
 
 def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(tiny_model: Path) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)  # as OMP_NUM_THREADS=1 would
-    try:
-        predictor = load_classifier(settings).predictor
-    finally:
-        torch.set_num_threads(previous)
+    classifier, _ = _load_with_torch_threads(settings, 1)  # as OMP_NUM_THREADS=1 would
+    predictor = classifier.predictor
     assert predictor.lanes == 1
     assert _session_threads(predictor) == [1]
 
@@ -147,19 +142,37 @@ def test_an_infer_process_takes_its_share_of_the_threads_and_the_cores(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    previous = torch.get_num_threads()
-    torch.set_num_threads(4)
-    try:
-        classifier = load_classifier(settings, processes=2)
-        threads = torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
+    monkeypatch.setattr(inference, "usable_cores", lambda: 16)
+    classifier, threads = _load_with_torch_threads(settings, 4, processes=2)
     assert threads == 2
     assert classifier.predictor.lanes == 2
     assert _session_threads(classifier.predictor) == [1, 1]
     # A quarter of its 8 cores, where the whole host's 16 would give 4.
     assert classifier.decode_threads == 2
+
+
+def test_torch_threads_follow_a_cpu_quota_below_the_hosts_cores(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
+    # Torch counts the host's 16 cores; a container's quota allows 3 CPUs.
+    monkeypatch.setattr(inference, "usable_cores", lambda: 3)
+    classifier, threads = _load_with_torch_threads(settings, 16)
+    assert threads == 3
+    assert _session_threads(classifier.predictor) == [1, 1]
+
+
+def _load_with_torch_threads(
+    settings: Settings, threads: int, processes: int = 1
+) -> tuple[SeriesClassifier, int]:
+    """The classifier loaded while torch has `threads` threads, and torch's count after
+    the load; torch's own count is restored."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return load_classifier(settings, processes), torch.get_num_threads()
+    finally:
+        torch.set_num_threads(previous)
 
 
 def _session_threads(predictor: SlicePredictor) -> list[int]:

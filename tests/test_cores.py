@@ -1,0 +1,118 @@
+"""The cores a node may use: its CPU affinity, lowered by a cgroup CPU quota."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from pacs_node.cores import cpu_quota, usable_cores
+from tests.peers import REPO
+
+
+def write(folder: Path, files: dict[str, str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (folder / name).write_text(text)
+
+
+def test_cgroup_v2_quotas_are_read_along_the_path_and_the_least_counts(tmp_path: Path) -> None:
+    write(tmp_path / "kubepods", {"cpu.max": "max 100000\n"})
+    write(tmp_path / "kubepods/pod1", {"cpu.max": "150000 100000\n"})
+    write(tmp_path / "kubepods/pod1/container", {"cpu.max": "max 100000\n"})
+    assert cpu_quota("0::/kubepods/pod1/container\n", tmp_path) == 1.5
+    write(tmp_path / "kubepods", {"cpu.max": "100000 100000\n"})
+    assert cpu_quota("0::/kubepods/pod1/container\n", tmp_path) == 1.0
+    # A container's namespaced view: its own cgroup is the root, and has the quota.
+    write(tmp_path, {"cpu.max": "400000 100000\n"})
+    assert cpu_quota("0::/\n", tmp_path) == 4.0
+
+
+def test_cgroup_v1_quota_of_a_container_mounted_as_the_root(tmp_path: Path) -> None:
+    membership = "12:memory:/docker/abc\n4:cpu,cpuacct:/docker/abc\n1:name=systemd:/docker/abc\n"
+    mount = tmp_path / "cpu,cpuacct"
+    write(mount, {"cpu.cfs_quota_us": "-1\n", "cpu.cfs_period_us": "100000\n"})
+    assert cpu_quota(membership, tmp_path) is None
+    write(mount, {"cpu.cfs_quota_us": "250000\n"})
+    assert cpu_quota(membership, tmp_path) == 2.5
+
+
+def test_no_quota_anywhere_is_none(tmp_path: Path) -> None:
+    assert cpu_quota("0::/user.slice/session-1.scope\n", tmp_path) is None
+    assert cpu_quota("", tmp_path) is None
+
+
+@pytest.mark.parametrize(
+    ("cpu_max", "affinity", "cores"),
+    [
+        (None, 16, 16),
+        ("max 100000", 16, 16),
+        ("150000 100000", 16, 2),  # part of a core counts as one
+        ("50000 100000", 16, 1),
+        ("400000 100000", 2, 2),  # the affinity is the lower
+    ],
+)
+def test_usable_cores_are_the_affinity_or_the_quota_whichever_is_less(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cpu_max: str | None, affinity: int, cores: int
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(affinity)))
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/node.service\n")
+    if cpu_max is not None:
+        write(tmp_path / "root/node.service", {"cpu.max": cpu_max})
+    assert usable_cores(tmp_path / "root", membership) == cores
+
+
+@pytest.fixture
+def cgroup_with_half_a_cpu() -> Iterator[Path]:
+    """A new cgroup of this kernel, 50 ms of CPU time each 100 ms; skipped where this
+    process may not make one (not root, or a read-only cgroup file system)."""
+    line = next(
+        (
+            line
+            for line in Path("/proc/self/cgroup").read_text().splitlines()
+            if line.split(":")[1] == "" or "cpu" in line.split(":")[1].split(",")
+        ),
+        None,
+    )
+    if line is None:
+        pytest.skip("no cgroup CPU controller")
+    _, controllers, _ = line.split(":", 2)
+    version_2 = controllers == ""
+    hierarchy = Path("/sys/fs/cgroup") / ("" if version_2 else controllers)
+    folder = hierarchy / f"pacs-node-test-{uuid.uuid4().hex[:8]}"
+    try:
+        folder.mkdir()
+    except OSError as error:
+        pytest.skip(f"cannot make a cgroup here: {error}")
+    try:
+        try:
+            if version_2:
+                (folder / "cpu.max").write_text("50000 100000")
+            else:
+                (folder / "cpu.cfs_period_us").write_text("100000")
+                (folder / "cpu.cfs_quota_us").write_text("50000")
+        except OSError as error:  # e.g. v2 without the cpu controller for its children
+            pytest.skip(f"cannot set a CPU quota here: {error}")
+        yield folder
+    finally:
+        folder.rmdir()
+
+
+def test_a_process_in_a_cgroup_of_half_a_cpu_uses_one_core(cgroup_with_half_a_cpu: Path) -> None:
+    script = "from pacs_node.cores import usable_cores; print(usable_cores())"
+    # The shell joins the cgroup, then becomes Python: the process counted is the one inside.
+    join_then_run = 'echo $$ > "$1/cgroup.procs" && exec "$2" -c "$3"'
+    completed = subprocess.run(
+        ["sh", "-c", join_then_run, "sh", str(cgroup_with_half_a_cpu), sys.executable, script],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (completed.stdout, completed.stderr) == ("1\n", "")
