@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, NoReturn
 
 from typing_extensions import Self
 
@@ -80,11 +80,17 @@ class NodeProcess:
             text=True,
         )
         threading.Thread(target=self._collect, args=(self._process,), daemon=True).start()
-        wait_for(
-            lambda: any(" ready: " in line for line in self.lines[first_line:]) or self._exited(),
-            timeout,
-            "the node's ready line",
-        )
+        try:
+            wait_for(
+                lambda: (
+                    any(" ready: " in line for line in self.lines[first_line:]) or self._exited()
+                ),
+                timeout,
+                "the node's ready line",
+            )
+        except AssertionError as error:
+            process, self._process = self._process, None
+            self._end_stuck(process, f"was not ready in {timeout:.0f} s", error)
         if self._exited():
             raise AssertionError(f"pacs-node exited with {self._process.returncode}:\n{self.log}")
         return self
@@ -111,19 +117,22 @@ class NodeProcess:
         try:
             return process.wait(timeout=60)
         except subprocess.TimeoutExpired as error:
-            # Fail the test with where each of its processes waits (their stacks, in
-            # the log), but leave no node behind (nor its children).
-            stuck = [process.pid, *descendants(process.pid)]
-            for pid in stuck:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGUSR1)
-            time.sleep(2)
-            for child in stuck[1:]:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(child, signal.SIGKILL)
-            process.kill()
-            process.wait()
-            raise AssertionError(f"pacs-node did not stop in 60 s; its log:\n{self.log}") from error
+            self._end_stuck(process, "did not stop in 60 s", error)
+
+    def _end_stuck(self, process: subprocess.Popen[str], what: str, error: Exception) -> NoReturn:
+        """Fail the test with where each of the node's processes waits (their stacks,
+        in the log), but leave none of them behind."""
+        stuck = [process.pid, *descendants(process.pid)]
+        for pid in stuck:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+        time.sleep(2)
+        for child in stuck[1:]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+        process.kill()
+        process.wait()
+        raise AssertionError(f"pacs-node {what}; its log:\n{self.log}") from error
 
     def jobs(self, kind: str | None = None, status: str | None = None) -> list[dict[str, Any]]:
         """`pacs-node jobs list --json`, optionally for one kind and status."""
