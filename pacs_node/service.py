@@ -43,6 +43,7 @@ from pacs_node.stage_process import (
     PipeWake,
     SharedListener,
     StageProcess,
+    StartCancelledError,
     infer_process_count,
 )
 from pacs_node.storage import Storage
@@ -425,7 +426,9 @@ class Node:
             if child.listener is not None:  # its associations ended with it
                 child.listener.slots.clear()
             try:
-                child.start()
+                child.start(cancelled=self._stopping.is_set)
+            except StartCancelledError:
+                return  # the node is stopping: `stop` must not wait for a model to load
             except PacsNodeError as error:
                 log.error(
                     f"{child.name} failed to start; trying again",

@@ -32,6 +32,8 @@ import os
 import select
 import signal
 import socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Literal
@@ -51,6 +53,8 @@ _CONTEXT = multiprocessing.get_context("spawn")
 START_TIMEOUT_SECONDS = 600.0
 # How often the child checks that its parent is still there.
 _PARENT_CHECK_SECONDS = 1.0
+# How often the parent, waiting for a child to start, asks whether it is itself stopping.
+_START_CHECK_SECONDS = 0.2
 
 
 def infer_process_count(setting: int | Literal["auto"], cores: int | None = None) -> int:
@@ -69,6 +73,10 @@ def infer_process_count(setting: int | Literal["auto"], cores: int | None = None
         return setting
     cores = cores or usable_cores()
     return min(4, max(1, cores // 4))
+
+
+class StartCancelledError(PacsNodeError):
+    """A child was ended while it started: its parent is stopping."""
 
 
 @dataclass(frozen=True)
@@ -138,11 +146,11 @@ class StageProcess:
         self._process: multiprocessing.process.BaseProcess | None = None
         self._report: Connection | None = None  # the launched child's first answer
 
-    def start(self) -> ModelInfo | None:
+    def start(self, cancelled: Callable[[], bool] = lambda: False) -> ModelInfo | None:
         """Start the child and wait until it runs (an infer stage: its model is
-        loaded); its model, or raise what stopped it."""
+        loaded); its model, or raise what stopped it (`wait_until_running`)."""
         self.launch()
-        return self.wait_until_running()
+        return self.wait_until_running(cancelled)
 
     def launch(self) -> None:
         """Start the child; `wait_until_running` then waits for it."""
@@ -170,15 +178,26 @@ class StageProcess:
         self._process = process
         self._report = receiving
 
-    def wait_until_running(self) -> ModelInfo | None:
-        """Its model once the launched child runs, or raise what stopped it."""
+    def wait_until_running(self, cancelled: Callable[[], bool] = lambda: False) -> ModelInfo | None:
+        """Its model once the launched child runs, or raise what stopped it.
+
+        Once `cancelled()` is true the child is killed and `StartCancelledError` raised.
+        Why kill: SIGTERM would wait until its model has loaded (seconds; the first
+        ONNX export longer), and a starting child holds nothing a kill could spoil
+        (the export is written whole or not at all).
+        """
         process, receiving = self._process, self._report
         if process is None or receiving is None:
             raise RuntimeError(f"the {self.name} was not launched")
         self._report = None
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
         try:
-            if not receiving.poll(START_TIMEOUT_SECONDS):
-                raise ConfigurationError(f"the {self.name} did not start in time")
+            while not receiving.poll(_START_CHECK_SECONDS):
+                if cancelled():
+                    process.kill()
+                    raise StartCancelledError(f"the {self.name} was ended while it started")
+                if time.monotonic() > deadline:
+                    raise ConfigurationError(f"the {self.name} did not start in time")
             answer = receiving.recv()
         except EOFError:
             process.join(5)

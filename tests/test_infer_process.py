@@ -12,7 +12,13 @@ from typing import Literal
 import pytest
 
 from pacs_node import stage_process
-from pacs_node.stage_process import infer_process_count
+from pacs_node.config import InferenceSettings, Settings, StorageSettings
+from pacs_node.stage_process import (
+    PipeWake,
+    StageProcess,
+    StartCancelledError,
+    infer_process_count,
+)
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
@@ -160,6 +166,36 @@ def test_two_infer_processes_each_classify_alone_and_one_that_dies_is_restarted(
             "a new first infer process",
         )
         assert children[1] in infer_children(node.pid)
+
+
+def test_a_starting_child_is_ended_at_once_when_its_parent_stops(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    settings = Settings(
+        storage=StorageSettings(root=tmp_path / "storage"),
+        inference=InferenceSettings(model=tiny_model, device="cpu"),
+    )
+    child = StageProcess(settings, "infer", (PipeWake(), PipeWake()))
+    child.launch()
+    (pid,) = wait_for(lambda: infer_children(os.getpid()), 30, "the child")
+    # Asked at once: the child is still loading torch and its model.
+    with pytest.raises(StartCancelledError):
+        child.wait_until_running(cancelled=lambda: True)
+    assert not alive(pid)
+
+
+def test_a_node_stopped_while_it_restarts_a_child_does_not_wait_for_the_child_to_load(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    with NodeProcess(
+        tmp_path / "node", tiny_model, settings={"PACS_NODE_INFERENCE__PROCESSES": "2"}
+    ) as node:
+        first, _ = infer_children(node.pid)
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: node.has_logged("exited with code -9; restarting it"), 30, "the log")
+        assert node.stop() == 0
+    # Only the child that ran says it stopped: the new one was ended while it loaded.
+    assert sum("pacs-node stopped: stages infer" in line for line in node.lines) == 1
 
 
 def test_an_infer_only_serve_is_the_first_of_its_infer_processes(
