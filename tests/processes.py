@@ -123,10 +123,10 @@ class NodeProcess:
         """Fail the test with where each of the node's processes waits (their stacks,
         in the log), but leave none of them behind."""
         stuck = [process.pid, *descendants(process.pid)]
-        for pid in stuck:
+        for pid in stuck:  # one at a time: stacks written at once interleave their lines
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGUSR1)
-        time.sleep(2)
+            time.sleep(0.5)
         for child in stuck[1:]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(child, signal.SIGKILL)
