@@ -10,7 +10,7 @@ import time
 
 from tests.peers import REPO
 
-# Waits with no timeout, over and over: the main thread spends most of its time
+# Waits with a timeout of 0, over and over: the main thread spends most of its time
 # entering and leaving the wait, where a handler that set a threading.Event
 # deadlocked (8 of 30 such processes hung, with that handler in place of StopSignals).
 _WAITER = textwrap.dedent(
