@@ -22,13 +22,13 @@ from torch import nn
 from models.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
-    REQUIRED_KEYS,
     WEIGHTS_NAME,
     Aggregation,
     ArtifactError,
     Manifest,
     Preprocessing,
     content_hash,
+    load_manifest,
     manifest_from_document,
 )
 from models.network import build_mobilenet_v2
@@ -93,36 +93,8 @@ def save_artifact(
 
 def load_artifact(folder: Path) -> Artifact:
     """Load and verify an artifact; `ArtifactError` names what is wrong."""
-    manifest_path = folder / MANIFEST_NAME
-    if not folder.is_dir():
-        raise ArtifactError(f"model artifact folder {folder} does not exist")
-    if not manifest_path.is_file():
-        raise ArtifactError(f"model artifact {folder} has no {MANIFEST_NAME}")
-    try:
-        document = json.loads(manifest_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ArtifactError(f"{manifest_path} is not valid JSON: {error}") from error
-    if not isinstance(document, dict):
-        raise ArtifactError(f"{manifest_path} must hold a JSON object")
-    missing = [key for key in REQUIRED_KEYS if key not in document]
-    if missing:
-        raise ArtifactError(f"{manifest_path} lacks required key(s): {', '.join(missing)}")
-    if document["format_version"] != FORMAT_VERSION:
-        raise ArtifactError(
-            f"{manifest_path} has format_version {document['format_version']!r}; "
-            f"this node reads {FORMAT_VERSION}"
-        )
-    weights_path = folder / str(document["weights_file"])
-    if weights_path.parent != folder or not weights_path.is_file():
-        raise ArtifactError(f"model weights {weights_path} are missing")
-    weights = weights_path.read_bytes()
-    expected = content_hash(document, weights)
-    if document["content_hash"] != expected:
-        raise ArtifactError(
-            f"model artifact {folder} fails its hash check: manifest says "
-            f"{document['content_hash']}, content is {expected}"
-        )
-    manifest = manifest_from_document(document)
+    manifest = load_manifest(folder)
+    weights_path = folder / manifest.weights_file
     try:
         state_dict = load_file(str(weights_path))
     except SafetensorError as error:

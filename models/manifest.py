@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "manifest.json"
@@ -110,6 +111,8 @@ class Manifest:
     preprocessing: Preprocessing
     aggregation: Aggregation
     content_hash: str
+    # The weights' file name, in the artifact's folder.
+    weights_file: str
     # Everything else in the manifest: training data, recipe, metrics, codes.
     details: dict[str, Any] = field(default_factory=dict)
 
@@ -155,5 +158,43 @@ def manifest_from_document(document: dict[str, Any]) -> Manifest:
         preprocessing=preprocessing,
         aggregation=aggregation,
         content_hash=str(document["content_hash"]),
+        weights_file=str(document["weights_file"]),
         details=details,
     )
+
+
+def load_manifest(folder: Path) -> Manifest:
+    """The manifest of the artifact in `folder`, checked against the weights' hash.
+
+    Everything `models.artifact.load_artifact` checks but whether the weights fit
+    the network, which needs torch; `ArtifactError` names what is wrong.
+    """
+    manifest_path = folder / MANIFEST_NAME
+    if not folder.is_dir():
+        raise ArtifactError(f"model artifact folder {folder} does not exist")
+    if not manifest_path.is_file():
+        raise ArtifactError(f"model artifact {folder} has no {MANIFEST_NAME}")
+    try:
+        document = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ArtifactError(f"{manifest_path} is not valid JSON: {error}") from error
+    if not isinstance(document, dict):
+        raise ArtifactError(f"{manifest_path} must hold a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in document]
+    if missing:
+        raise ArtifactError(f"{manifest_path} lacks required key(s): {', '.join(missing)}")
+    if document["format_version"] != FORMAT_VERSION:
+        raise ArtifactError(
+            f"{manifest_path} has format_version {document['format_version']!r}; "
+            f"this node reads {FORMAT_VERSION}"
+        )
+    weights_path = folder / str(document["weights_file"])
+    if weights_path.parent != folder or not weights_path.is_file():
+        raise ArtifactError(f"model weights {weights_path} are missing")
+    expected = content_hash(document, weights_path.read_bytes())
+    if document["content_hash"] != expected:
+        raise ArtifactError(
+            f"model artifact {folder} fails its hash check: manifest says "
+            f"{document['content_hash']}, content is {expected}"
+        )
+    return manifest_from_document(document)

@@ -6,30 +6,55 @@ Measured on the 2-core benchmark machine (bundled model, 160 px, batch 16,
 1.4x `torch.compile` (which also compiles for ~23 s on a cold cache), with the
 same classes and probabilities within 1e-5 of eager.
 
-Exporting takes ~6 s (torch.export tracing and translation, not ONNX Runtime),
-so the exported model is cached, keyed by the artifact's content hash and the
-exporter's versions: a restarted node starts in well under a second. The cache
-sits outside the artifact's hash check, so at every start the session is
-checked against the artifact's own network on a fixed input; a cached model
-that disagrees (damaged, replaced) is exported again.
+This module does not import torch: a process that only classifies on a CPU
+is spared torch's ~670 MB (`import torch, torchvision`: 671 MB RSS, 367 MB of
+it private, on the 2-core machine). Exporting needs torch and takes ~6 s, so
+it runs in a child process (`models.onnx_export`), and the exported model is
+cached, keyed by the artifact's content hash and the exporter's versions.
+The export records the artifact's own logits on a fixed probe input in the
+model's metadata; at every start the session must reproduce them, so a cached
+model that disagrees (damaged, replaced) is exported again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import queue
+import subprocess
+import sys
 import tempfile
+from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import onnxruntime
-import onnxscript
-import torch
+from onnxruntime.capi.onnxruntime_pybind11_state import (
+    Fail,
+    InvalidArgument,
+    InvalidGraph,
+    InvalidProtobuf,
+)
 
-from models.artifact import Artifact
+from models.manifest import Manifest
 
 log = logging.getLogger(__name__)
+
+# Largest logit difference allowed between the session and the artifact's network.
+AGREEMENT_TOLERANCE = 1e-3
+# Keys of the exported model's metadata (ONNX metadata_props).
+CONTENT_HASH_KEY = "pacs_node.content_hash"
+PROBE_LOGITS_KEY = "pacs_node.probe_logits"
+# What ONNX Runtime raises for a model file it cannot load or run as the node's.
+UNREADABLE_MODEL = (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf)
+# An export takes ~6 s plus torch's import; this bounds a child that hangs.
+EXPORT_TIMEOUT_SECONDS = 600
+
+
+class ExportError(RuntimeError):
+    """The artifact could not be exported to ONNX, or its export disagrees with it."""
 
 
 def default_cache() -> Path:
@@ -38,73 +63,81 @@ def default_cache() -> Path:
     return Path(base) / "pacs-node" / "onnx"
 
 
-# Largest logit difference allowed between the session and the artifact's network.
-AGREEMENT_TOLERANCE = 1e-3
+def probe_input(size: int) -> np.ndarray:
+    """The fixed (2, 3, size, size) input whose logits the export records."""
+    return np.random.default_rng(0).standard_normal((2, 3, size, size), dtype=np.float32)
 
 
-def onnx_network(artifact: Artifact, cache: Path, threads: int, lanes: int = 1) -> OnnxNetwork:
-    """The artifact's network on ONNX Runtime, from `cache` when it was exported before;
-    `lanes` sessions of `threads` threads each (`OnnxNetwork`)."""
-    reference = artifact.build_network().eval()
-    size = artifact.manifest.preprocessing.input_size
-    probe = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = reference(probe)
-    network = OnnxNetwork(exported_model(artifact, cache), threads, lanes)
-    if _agrees(network, probe, expected):
-        return network
-    log.warning(
-        "cached ONNX model disagrees with the artifact; exporting it again",
-        extra={"action": "load"},
+def cached_model_path(manifest: Manifest, cache: Path) -> Path:
+    """Where `cache` keeps the export of the artifact `manifest` describes.
+
+    The exporter's versions are read from the installed packages' metadata, not
+    by importing them.
+    """
+    key = (
+        f"{manifest.content_hash} torch {version('torch')} onnxscript {version('onnxscript')}"
+        " with probe logits"
     )
-    network = OnnxNetwork(exported_model(artifact, cache, reuse=False), threads, lanes)
-    if not _agrees(network, probe, expected):
-        raise RuntimeError("the ONNX export disagrees with the artifact's network")
+    return cache / f"{hashlib.sha256(key.encode()).hexdigest()}.onnx"
+
+
+def onnx_network(
+    folder: Path, manifest: Manifest, cache: Path, threads: int, lanes: int = 1
+) -> OnnxNetwork:
+    """The network of the artifact in `folder` on ONNX Runtime: `lanes` sessions of
+    `threads` threads each (`OnnxNetwork`), from `cache` when it was exported before.
+
+    An unwritable cache only costs the export at every start. `ExportError` when
+    the export fails or disagrees with the artifact.
+    """
+    cached = cached_model_path(manifest, cache)
+    if cached.is_file():
+        try:
+            network = OnnxNetwork(cached.read_bytes(), threads, lanes)
+            if network.reproduces_probe(manifest):
+                return network
+        except UNREADABLE_MODEL:  # damaged beyond loading: the same remedy
+            pass
+        log.warning(
+            "cached ONNX model disagrees with the artifact; exporting it again",
+            extra={"action": "load"},
+        )
+    network = OnnxNetwork(_export_in_child(folder, cached), threads, lanes)
+    if not network.reproduces_probe(manifest):
+        raise ExportError("the ONNX export disagrees with the artifact's network")
     return network
 
 
-def _agrees(network: OnnxNetwork, probe: torch.Tensor, expected: torch.Tensor) -> bool:
-    return bool((network(probe) - expected).abs().max() <= AGREEMENT_TOLERANCE)
-
-
-def exported_model(artifact: Artifact, cache: Path, reuse: bool = True) -> bytes:
-    """The artifact's network as a serialised ONNX model (dynamic batch size).
-
-    Read from `cache` when exported before (unless `reuse` is false); an
-    unwritable cache only costs the export at every start.
-    """
-    manifest = artifact.manifest
-    key = f"{manifest.content_hash} torch {torch.__version__} onnxscript {onnxscript.__version__}"
-    cached = cache / f"{hashlib.sha256(key.encode()).hexdigest()}.onnx"
-    if reuse and cached.is_file():
-        return cached.read_bytes()
-    model = _export(artifact)
+def _export_in_child(folder: Path, cached: Path) -> bytes:
+    """The artifact's export, made by `models.onnx_export` in a child process and
+    left at `cached` (or only in a temporary folder, where the cache is unwritable)."""
     try:
-        cache.mkdir(parents=True, exist_ok=True)
-        # Renamed into place: a concurrent reader never sees half a model.
-        with tempfile.NamedTemporaryFile(dir=cache, delete=False) as partial:
-            partial.write(model)
-        Path(partial.name).replace(cached)
-    except OSError as error:
-        log.warning("ONNX export cache not writable", extra={"reason": str(error)})
-    return model
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        writable = os.access(cached.parent, os.W_OK)
+    except OSError:
+        writable = False
+    if writable:
+        _run_export(folder, cached)
+        return cached.read_bytes()
+    log.warning("ONNX export cache not writable", extra={"reason": str(cached.parent)})
+    with tempfile.TemporaryDirectory(prefix="pacs-node-onnx-") as scratch:
+        output = Path(scratch) / cached.name
+        _run_export(folder, output)
+        return output.read_bytes()
 
 
-def _export(artifact: Artifact) -> bytes:
-    size = artifact.manifest.preprocessing.input_size
-    example = torch.zeros(2, 3, size, size)
-    program = torch.onnx.export(
-        artifact.build_network(),
-        (example,),
-        input_names=["input"],
-        output_names=["logits"],
-        dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}},
-        dynamo=True,
-        verbose=False,
-    )
-    if program is None:
-        raise RuntimeError("torch.onnx.export returned no program")
-    return bytes(program.model_proto.SerializeToString())
+def _run_export(folder: Path, output: Path) -> None:
+    command = [sys.executable, "-m", "models.onnx_export", str(folder), str(output)]
+    log.info("exporting the model to ONNX", extra={"action": "load"})
+    try:
+        finished = subprocess.run(
+            command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_SECONDS
+        )
+    except subprocess.TimeoutExpired as error:
+        raise ExportError(f"exporting the model took over {error.timeout:.0f} s") from error
+    if finished.returncode != 0:
+        lines = finished.stderr.strip().splitlines() or [f"exit code {finished.returncode}"]
+        raise ExportError(f"exporting the model failed: {lines[-1]}")
 
 
 class OnnxNetwork:
@@ -130,14 +163,30 @@ class OnnxNetwork:
             onnxruntime.InferenceSession(model, options, providers=["CPUExecutionProvider"])
             for _ in range(lanes)
         )
+        self.metadata: dict[str, str] = self.sessions[0].get_modelmeta().custom_metadata_map
         self._free: queue.SimpleQueue[onnxruntime.InferenceSession] = queue.SimpleQueue()
         for session in self.sessions:
             self._free.put(session)
 
-    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) float32 inputs -> (n, classes) float32 logits."""
         session = self._free.get()
         try:
-            (logits,) = session.run(["logits"], {"input": batch.numpy()})
+            (logits,) = session.run(["logits"], {"input": batch})
         finally:
             self._free.put(session)
-        return torch.from_numpy(logits)
+        return np.asarray(logits)
+
+    def reproduces_probe(self, manifest: Manifest) -> bool:
+        """Whether this is the export of `manifest`'s artifact, giving the logits
+        that its network gave on the probe input when it was exported."""
+        if self.metadata.get(CONTENT_HASH_KEY) != manifest.content_hash:
+            return False
+        try:
+            expected = np.array(json.loads(self.metadata[PROBE_LOGITS_KEY]), dtype=np.float32)
+        except (KeyError, ValueError):
+            return False
+        logits = self(probe_input(manifest.preprocessing.input_size))
+        return logits.shape == expected.shape and bool(
+            np.abs(logits - expected).max() <= AGREEMENT_TOLERANCE
+        )

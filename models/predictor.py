@@ -1,7 +1,13 @@
-"""Run a loaded artifact on batches of preprocessed slices."""
+"""Run a model artifact on batches of preprocessed slices.
+
+On a CPU nothing here imports torch (`models.onnx_network`); torch is imported
+only where a CUDA device runs the network, or could (`cuda_available`).
+"""
 
 from __future__ import annotations
 
+import ctypes
+import os
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -9,25 +15,43 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from models.artifact import Artifact
+from models.manifest import load_manifest
 from models.onnx_network import default_cache, onnx_network
 
+Network = Callable[[np.ndarray], np.ndarray]
 
-def resolve_device(requested: str) -> torch.device:
-    """`auto` picks CUDA when present; `cuda` without a GPU is an error."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' was asked for, but no CUDA device is available")
-    if requested not in ("cpu", "cuda"):
+
+def cuda_available() -> bool:
+    """Whether torch can use a CUDA device.
+
+    Asked of torch only where the CUDA driver's library loads: without it torch
+    cannot use a GPU either, and a CPU-only host is spared importing torch.
+    """
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_device(requested: str) -> str:
+    """ "cpu" or "cuda": `auto` picks CUDA when present; `cuda` without a GPU is an error."""
+    if requested not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
-    return torch.device(requested)
+    if requested == "cpu":
+        return "cpu"
+    if cuda_available():
+        return "cuda"
+    if requested == "cuda":
+        raise RuntimeError("device 'cuda' was asked for, but no CUDA device is available")
+    return "cpu"
 
 
 class SlicePredictor:
-    """Slice probabilities from a model artifact, on CPU or CUDA.
+    """Slice probabilities from the model artifact in `folder`, on CPU or CUDA.
 
     On CUDA the network runs in fp32, as on the CPU. Measured on an H200 at the
     node's batch of 16 (`tests.benchmarks.inference --device cuda`, two runs): fp32
@@ -35,41 +59,42 @@ class SlicePredictor:
     too small for half precision to pay for its casts), and fp32 stays closer to the
     CPU's probabilities (max difference 3.3e-3 against 8.8e-3 for fp16).
     On a CPU it runs on ONNX Runtime, the fastest CPU path measured
-    (`models.onnx_network`), in `lanes` sessions that share the threads torch is
-    given: `in_flight` keeps that many batches running at once. On CUDA there is
-    one lane. `onnx_cache` keeps the exported model between starts (default:
-    `default_cache()`).
+    (`models.onnx_network`), in `lanes` sessions that share `threads` threads (by
+    default one per core this process may run on): `in_flight` keeps that many
+    batches running at once. On CUDA there is one lane. `onnx_cache` keeps the
+    exported model between starts (default: `default_cache()`).
     """
 
     def __init__(
         self,
-        artifact: Artifact,
+        folder: Path,
         device: str = "auto",
         onnx_cache: Path | None = None,
         lanes: int = 1,
+        threads: int | None = None,
     ) -> None:
-        self.manifest = artifact.manifest
+        self.manifest = load_manifest(folder)
         self.device = resolve_device(device)
-        self.network: Callable[[torch.Tensor], torch.Tensor]
-        if self.device.type == "cuda":
+        self.network: Network
+        if self.device == "cuda":
+            from models.cuda_network import cuda_network
+
             self.lanes = 1
-            self.network = artifact.build_network().to(self.device)
+            self.network = cuda_network(folder)
         else:
             self.lanes = lanes
-            threads = max(1, torch.get_num_threads() // lanes)
-            self.network = onnx_network(artifact, onnx_cache or default_cache(), threads, lanes)
+            share = max(1, (threads or len(os.sched_getaffinity(0))) // lanes)
+            cache = onnx_cache or default_cache()
+            self.network = onnx_network(folder, self.manifest, cache, share, lanes)
 
-    @torch.inference_mode()
-    def predict(self, batch: torch.Tensor) -> np.ndarray:
-        """(n, 3, S, S) normalised inputs -> (n, classes) probabilities (float64)."""
+    def predict(self, batch: np.ndarray) -> np.ndarray:
+        """(n, 3, S, S) normalised float32 inputs -> (n, classes) probabilities (float64)."""
         size = self.manifest.preprocessing.input_size
         if batch.shape[1:] != (3, size, size):
             raise ValueError(
                 f"expected a (n, 3, {size}, {size}) batch, got shape {tuple(batch.shape)}"
             )
-        logits = self.network(batch.to(self.device, non_blocking=True))
-        probabilities = torch.softmax(logits, dim=1)
-        return probabilities.cpu().numpy().astype(np.float64)
+        return softmax(self.network(batch)).astype(np.float64)
 
     @contextmanager
     def in_flight(self) -> Iterator[InFlight]:
@@ -81,6 +106,13 @@ class SlicePredictor:
             yield InFlight(self.predict, pool, self.lanes)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (n, classes) logits, in their own precision."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities: np.ndarray = shifted / shifted.sum(axis=1, keepdims=True)
+    return probabilities
+
+
 class InFlight:
     """Up to `lanes` batches in the network at once; probabilities in the order put.
 
@@ -89,7 +121,7 @@ class InFlight:
 
     def __init__(
         self,
-        predict: Callable[[torch.Tensor], np.ndarray],
+        predict: Network,
         pool: ThreadPoolExecutor | None,
         lanes: int,
     ) -> None:
@@ -98,7 +130,7 @@ class InFlight:
         self._lanes = lanes
         self._running: deque[Future[np.ndarray]] = deque()
 
-    def put(self, batch: torch.Tensor) -> list[np.ndarray]:
+    def put(self, batch: np.ndarray) -> list[np.ndarray]:
         """Start `batch`; the probabilities of the batches that finished to make room
         for the next one, oldest first (with one lane: this batch's)."""
         if self._pool is None:

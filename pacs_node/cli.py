@@ -94,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 settings, [stage.strip() for stage in arguments.stages.split(",") if stage.strip()]
             )
         if arguments.command == "classify":
-            # Imported on demand: it loads torch, which the other commands never need.
+            # Imported on demand: it loads the model, which the other commands never need.
             from pacs_node.classify import run_classify
 
             return run_classify(settings, arguments.paths, arguments.sr, arguments.json)

@@ -151,8 +151,9 @@ class InferenceSettings(Section):
     # one; "auto" chooses by device and cores (`inference.decode_thread_count`).
     decode_threads: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # On a CPU: how many batches the model runs at once, each in its own ONNX
-    # Runtime session on an equal share of torch's threads; "auto" chooses by
-    # device and threads (`inference.forward_lane_count`). With CUDA there is one.
+    # Runtime session on an equal share of the threads (`cores.forward_threads`);
+    # "auto" chooses by device and threads (`inference.forward_lane_count`).
+    # With CUDA there is one.
     forward_lanes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     # Processes that run the infer stage side by side, each on an equal share of
     # the cores, one series each at a time; "auto" chooses by cores

@@ -2,10 +2,10 @@
 
 The cores it may run on (its CPU affinity: taskset, a cpuset), fewer where a
 cgroup CPU quota allows less: a container's `--cpus`, a Kubernetes CPU limit,
-systemd's CPUQuota. Why: torch's default thread count follows the host, so in
-a container allowed 2 CPUs on a 64-core host the node would run dozens of
+systemd's CPUQuota. Why: a process's default thread counts follow the host, so
+in a container allowed 2 CPUs on a 64-core host the node would run dozens of
 threads that the kernel throttles to 2 CPUs' time, and "auto" would start four
-infer processes of ~730 MB each. A quota of 1.5 CPUs counts as 2 cores, as the
+infer processes instead of one. A quota of 1.5 CPUs counts as 2 cores, as the
 JVM counts it: one thread per part-core.
 
 Without torch: a receiving `serve` decides how many infer processes to start
@@ -31,6 +31,14 @@ def usable_cores(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP)
     except OSError:  # no /proc: nothing says there is a quota
         return cores
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def forward_threads() -> int:
+    """The threads the forward passes of this host may run: the usable cores, fewer
+    where OMP_NUM_THREADS says so (its first value), as torch's count did."""
+    cores = usable_cores()
+    limit = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
+    return min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores
 
 
 def cpu_quota(membership: str, root: Path) -> float | None:

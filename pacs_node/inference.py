@@ -21,16 +21,15 @@ from typing import Any, Literal
 
 import numpy as np
 import pydicom
-import torch
 from pydicom.dataset import Dataset
 
 from models.aggregation import SeriesResult, aggregate
-from models.artifact import ArtifactError, load_artifact
-from models.manifest import Manifest
+from models.manifest import ArtifactError, Manifest
+from models.onnx_network import ExportError
 from models.predictor import SlicePredictor, resolve_device
-from models.preprocessing import PixelLayout, tensor_from_dataset, tensor_from_layout
+from models.preprocessing import PixelLayout, input_from_dataset, input_from_layout
 from pacs_node.config import Settings
-from pacs_node.cores import usable_cores
+from pacs_node.cores import forward_threads, usable_cores
 from pacs_node.errors import ConfigurationError, PermanentError
 from pacs_node.report import ReportError, ReportingNode, rehearse_report, reporting_node
 
@@ -55,7 +54,8 @@ Slice = Path | StoredSlice
 class DecodedSlice:
     path: Path
     header: Dataset | None
-    tensor: torch.Tensor | None
+    # The model's (3, S, S) input.
+    pixels: np.ndarray | None
     error: str | None
     # False when `header` holds only the REFERENCE_KEYWORDS (read through a layout).
     whole: bool = True
@@ -96,7 +96,7 @@ class SeriesClassifier:
         Unreadable slices are skipped and reported; a series with none left
         is a `PermanentError`.
         """
-        with _without_garbage_collection(), _one_torch_thread():
+        with _without_garbage_collection():
             return self._classify(paths, on_batch)
 
     def _classify(
@@ -112,17 +112,17 @@ class SeriesClassifier:
             for batch in self._decoded_batches(paths):
                 decode_seconds += time.perf_counter() - waiting_since
                 usable = [
-                    (item, item.tensor, item.header)
+                    (item, item.pixels, item.header)
                     for item in batch
-                    if item.tensor is not None and item.header is not None
+                    if item.pixels is not None and item.header is not None
                 ]
                 skipped.extend(
                     (item.path.name, item.error or "unreadable")
                     for item in batch
-                    if item.tensor is None
+                    if item.pixels is None
                 )
                 if usable:
-                    inputs = torch.stack([tensor for _, tensor, _ in usable])
+                    inputs = np.stack([pixels for _, pixels, _ in usable])
                     forward_started = time.perf_counter()
                     rows.extend(forwards.put(inputs))
                     forward_seconds += time.perf_counter() - forward_started
@@ -173,27 +173,6 @@ class SeriesClassifier:
 
 
 @contextmanager
-def _one_torch_thread() -> Iterator[None]:
-    """torch runs one thread while a series is classified, on every device.
-
-    The decode threads are the parallelism; torch's own OpenMP workers, for the
-    resize, the stack and the softmax, would only spin beside them. On a CPU they
-    also compete with ONNX Runtime's threads: without them the stage ran 8% faster
-    on JPEG Lossless, ~3% (within the noise) on uncompressed slices (2 cores, 3
-    alternating runs). On the one CUDA host measured (H200, 16-core Xeon) it made no
-    measurable difference (302 against 336 slices/s at 2 decode threads, within the
-    spread between runs); one rule serves every device. The count also holds for the
-    decode threads started meanwhile.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@contextmanager
 def _without_garbage_collection() -> Iterator[None]:
     """No cyclic garbage collection while a series is classified.
 
@@ -214,35 +193,33 @@ def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
     """The configured model artifact, verified, on the configured device.
 
     `processes`: how many infer processes share this host's cores (inference.processes).
-    This process then takes its share of the cores it may use (`usable_cores`): of
-    torch's threads, which the forward lanes split, and of the cores the decode
-    threads are chosen by. Torch's own count follows the host, not a container's
-    CPU quota; a lower limit (OMP_NUM_THREADS) still holds.
+    This process then takes its share of the threads the forward passes may run
+    (`forward_threads`: the usable cores, or fewer under OMP_NUM_THREADS), which the
+    forward lanes split, and of the cores the decode threads are chosen by.
+    On a CPU this imports no torch (`models.predictor`).
     """
     cores = usable_cores()
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), cores) // processes))
-    try:
-        artifact = load_artifact(settings.inference.model)
-    except ArtifactError as error:
-        raise ConfigurationError(f"inference.model: {error}") from error
+    threads = max(1, forward_threads() // processes)
     try:
         device = resolve_device(settings.inference.device)
-        lanes = forward_lane_count(settings.inference.forward_lanes, device)
-        predictor = SlicePredictor(artifact, settings.inference.device, lanes=lanes)
+        lanes = forward_lane_count(settings.inference.forward_lanes, device, threads)
+        predictor = SlicePredictor(settings.inference.model, device, lanes=lanes, threads=threads)
+    except (ArtifactError, ExportError) as error:
+        raise ConfigurationError(f"inference.model: {error}") from error
     except RuntimeError as error:
         raise ConfigurationError(f"inference.device: {error}") from error
     try:
         settle_long_lived_objects(predictor.manifest, reporting_node(settings))
     except ReportError as error:
         raise ConfigurationError(f"no valid report can be made: {error}") from error
-    threads = decode_thread_count(
+    decode_threads = decode_thread_count(
         settings.inference.decode_threads, predictor.device, max(1, cores // processes)
     )
-    return SeriesClassifier(predictor, settings.inference.batch_size, threads)
+    return SeriesClassifier(predictor, settings.inference.batch_size, decode_threads)
 
 
 def decode_thread_count(
-    setting: int | Literal["auto"], device: torch.device, cores: int | None = None
+    setting: int | Literal["auto"], device: str, cores: int | None = None
 ) -> int:
     """inference.decode_threads; "auto" as measured on a 16-core host (README,
     session 12). On a CPU the forward pass takes most cores: JPEG Lossless went
@@ -253,17 +230,18 @@ def decode_thread_count(
     if setting != "auto":
         return setting
     cores = cores or usable_cores()
-    if device.type == "cuda":
+    if device == "cuda":
         return min(8, max(2, cores // 2))
     return min(4, max(2, cores // 4))
 
 
 def forward_lane_count(
-    setting: int | Literal["auto"], device: torch.device, threads: int | None = None
+    setting: int | Literal["auto"], device: str, threads: int | None = None
 ) -> int:
-    """inference.forward_lanes; "auto" is two lanes where torch has two threads or
-    more (`threads`; by default torch's own count, one per core unless limited, as
-    by OMP_NUM_THREADS): the lanes share those threads, so a limit still holds.
+    """inference.forward_lanes; "auto" is two lanes where the forward passes may run
+    two threads or more (`threads`; by default `forward_threads()`, one per core
+    unless limited, as by OMP_NUM_THREADS): the lanes share those threads, so a
+    limit still holds.
 
     On the 2-core VM (session 13) two sessions of one thread ran the bundled model
     at 1.11-1.31x one session of two threads (README, "Forward lanes"). On a 16-core
@@ -271,18 +249,19 @@ def forward_lane_count(
     no more than the rounds' spread beyond that (1.90x). With CUDA the GPU runs one
     batch at a time.
     """
-    if device.type == "cuda":
+    if device == "cuda":
         return 1
     if setting != "auto":
         return setting
-    return min(2, threads or torch.get_num_threads())
+    return min(2, threads or forward_threads())
 
 
 def settle_long_lived_objects(manifest: Manifest, node: ReportingNode) -> None:
     """Once the model is loaded: rehearse a report (`rehearse_report`, which raises
-    `ReportError`), so that highdicom's tables exist, then keep them and the ~500 000
-    objects of torch, the exporter and the model out of every full garbage
-    collection: scanning them took ~0.2 s, in every third series measured."""
+    `ReportError`), so that highdicom's tables exist, then keep them and the other
+    long-lived objects out of every full garbage collection: when the process also
+    held torch's and the exporter's ~500 000 objects, scanning them took ~0.2 s, in
+    every third series measured."""
     rehearse_report(manifest, node)
     gc.collect()
     gc.freeze()
@@ -293,20 +272,20 @@ def decode_slice(item: Slice, preprocessing: Any) -> DecodedSlice:
     path = item.path if isinstance(item, StoredSlice) else item
     try:
         if isinstance(item, StoredSlice) and item.layout is not None:
-            tensor = tensor_from_layout(path, item.layout, preprocessing)
-            return DecodedSlice(path, item.reference, tensor, error=None, whole=False)
+            pixels = input_from_layout(path, item.layout, preprocessing)
+            return DecodedSlice(path, item.reference, pixels, error=None, whole=False)
         dataset = pydicom.dcmread(path)
-        tensor = tensor_from_dataset(dataset, preprocessing)
+        pixels = input_from_dataset(dataset, preprocessing)
     except Exception as error:  # any decoder may fail on damaged pixel data
         log.warning(
             "slice skipped",
             extra={"action": "decode", "reason": f"{type(error).__name__}: {error}"},
         )
         return DecodedSlice(
-            path=path, header=None, tensor=None, error=f"{type(error).__name__}: {error}"
+            path=path, header=None, pixels=None, error=f"{type(error).__name__}: {error}"
         )
     del dataset.PixelData  # keep only the header in memory
-    return DecodedSlice(path=path, header=dataset, tensor=tensor, error=None)
+    return DecodedSlice(path=path, header=dataset, pixels=pixels, error=None)
 
 
 # All the report and the per-slice results read of a slice but the first

@@ -171,8 +171,8 @@ class Node:
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # Load the model before opening the port: a node that cannot classify
         # must not accept series it would only queue. Imported here because
-        # torch costs ~1 GB of memory and seconds of start-up, which receive-
-        # and send-only processes never need.
+        # the model's libraries cost hundreds of MB and seconds of start-up,
+        # which receive- and send-only processes never need.
         classifier = None
         if self._infer_here:
             from pacs_node.inference import load_classifier
@@ -180,7 +180,7 @@ class Node:
 
             classifier = load_classifier(settings, self._infer_processes)
             self.model = ModelInfo(
-                classifier.predictor.manifest.model_id, str(classifier.predictor.device)
+                classifier.predictor.manifest.model_id, classifier.predictor.device
             )
         self._start_infer_children()
         storage = Storage(settings.storage.root, settings.storage.fsync)

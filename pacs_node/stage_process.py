@@ -5,7 +5,7 @@ core of a small server busy and holds the GIL for its Python work (reading,
 decoding, preprocessing). In the receiving process it halved the ingest rate
 while a series was classified (measured with
 `tests.benchmarks.ingest_under_load`). In its own process at `inference.nice`,
-it gets the CPU the receiver leaves, and torch's memory stays out of the
+it gets the CPU the receiver leaves, and the model's memory stays out of the
 process that answers C-STOREs. With inference.processes above 1, more infer
 processes take series side by side, each on its share of the cores: a series'
 SR and job steps run on one core beside its forward passes, and another

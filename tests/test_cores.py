@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pacs_node.cores import cpu_quota, usable_cores
+from pacs_node import cores
+from pacs_node.cores import cpu_quota, forward_threads, usable_cores
 from tests.peers import REPO
 
 
@@ -116,3 +117,20 @@ def test_a_process_in_a_cgroup_of_half_a_cpu_uses_one_core(cgroup_with_half_a_cp
         timeout=60,
     )
     assert (completed.stdout, completed.stderr) == ("1\n", "")
+
+
+@pytest.mark.parametrize(
+    ("variable", "threads"),
+    [(None, 6), ("1", 1), ("4", 4), ("12", 6), ("4,2", 4), ("0", 6), ("many", 6), ("", 6)],
+)
+def test_forward_threads_are_the_usable_cores_or_fewer_under_omp_num_threads(
+    monkeypatch: pytest.MonkeyPatch, variable: str | None, threads: int
+) -> None:
+    """OMP_NUM_THREADS, the limit torch's thread count followed, still holds now that
+    the CPU path runs without torch; a value that is no count is ignored."""
+    monkeypatch.setattr(cores, "usable_cores", lambda: 6)
+    if variable is None:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    else:
+        monkeypatch.setenv("OMP_NUM_THREADS", variable)
+    assert forward_threads() == threads

@@ -10,16 +10,16 @@ import time
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
-import torch
 from pydicom.dataset import Dataset
 
-from models.artifact import load_artifact
 from models.onnx_network import OnnxNetwork
 from models.predictor import SlicePredictor
-from models.preprocessing import Preprocessing, tensor_from_dataset
-from pacs_node import inference
+from models.preprocessing import Preprocessing, input_from_dataset
+from pacs_node import cores, inference
 from pacs_node.config import BUNDLED_MODEL, InferenceSettings, Settings
+from pacs_node.cores import forward_threads
 from pacs_node.errors import ConfigurationError
 from pacs_node.inference import (
     REFERENCE_KEYWORDS,
@@ -37,7 +37,7 @@ def test_only_the_first_header_is_kept_whole_and_the_report_still_references_eve
     tmp_path: Path, tiny_model: Path
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
-    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    classifier = SeriesClassifier(SlicePredictor(tiny_model, "cpu"), batch_size=2)
     classification = classifier.classify(files)
     first, *others = classification.headers
     assert "PatientID" in first and "PixelData" not in first
@@ -59,22 +59,20 @@ def test_only_the_first_header_is_kept_whole_and_the_report_still_references_eve
     ]
 
 
-def test_while_a_series_is_classified_torch_runs_one_thread_and_no_garbage_collection(
+def test_while_a_series_is_classified_no_garbage_is_collected(
     tmp_path: Path, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
-    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    classifier = SeriesClassifier(SlicePredictor(tiny_model, "cpu"), batch_size=2)
     seen = []
 
-    def recorded(dataset: Dataset, preprocessing: Preprocessing) -> torch.Tensor:
-        seen.append((torch.get_num_threads(), gc.isenabled()))  # in a decode thread
-        return tensor_from_dataset(dataset, preprocessing)
+    def recorded(dataset: Dataset, preprocessing: Preprocessing) -> np.ndarray:
+        seen.append(gc.isenabled())  # in a decode thread
+        return input_from_dataset(dataset, preprocessing)
 
-    monkeypatch.setattr(inference, "tensor_from_dataset", recorded)
-    before = torch.get_num_threads()
+    monkeypatch.setattr(inference, "input_from_dataset", recorded)
     classifier.classify(files)
-    assert seen == [(1, False)] * 3
-    assert torch.get_num_threads() == before
+    assert seen == [False] * 3
     assert gc.isenabled()
 
 
@@ -94,14 +92,14 @@ def test_while_a_series_is_classified_torch_runs_one_thread_and_no_garbage_colle
 def test_auto_decode_threads_follow_the_device_and_the_cores(
     setting: int | Literal["auto"], device: str, cores: int, threads: int
 ) -> None:
-    assert decode_thread_count(setting, torch.device(device), cores) == threads
+    assert decode_thread_count(setting, device, cores) == threads
 
 
 def test_the_default_decode_threads_are_chosen_for_this_machine(tiny_model: Path) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
     assert settings.inference.decode_threads == "auto"
     classifier = load_classifier(settings)
-    assert classifier.decode_threads == decode_thread_count("auto", torch.device("cpu"))
+    assert classifier.decode_threads == decode_thread_count("auto", "cpu")
 
 
 @pytest.mark.parametrize(
@@ -115,64 +113,58 @@ def test_the_default_decode_threads_are_chosen_for_this_machine(tiny_model: Path
         (3, "cuda", 16, 1),
     ],
 )
-def test_auto_forward_lanes_follow_the_device_and_torchs_threads(
+def test_auto_forward_lanes_follow_the_device_and_the_threads(
     setting: int | Literal["auto"], device: str, threads: int, lanes: int
 ) -> None:
-    assert forward_lane_count(setting, torch.device(device), threads) == lanes
+    assert forward_lane_count(setting, device, threads) == lanes
 
 
 def test_the_default_forward_lanes_share_this_machines_threads(tiny_model: Path) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
     assert settings.inference.forward_lanes == "auto"
     predictor = load_classifier(settings).predictor
-    lanes = forward_lane_count("auto", torch.device("cpu"))
+    lanes = forward_lane_count("auto", "cpu")
     assert predictor.lanes == lanes
-    assert _session_threads(predictor) == [max(1, torch.get_num_threads() // lanes)] * lanes
+    assert _session_threads(predictor) == [max(1, forward_threads() // lanes)] * lanes
 
 
-def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(tiny_model: Path) -> None:
+def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
-    classifier, _ = _load_with_torch_threads(settings, 1)  # as OMP_NUM_THREADS=1 would
-    predictor = classifier.predictor
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    predictor = load_classifier(settings).predictor
     assert predictor.lanes == 1
     assert _session_threads(predictor) == [1]
+
+
+def _host_cores(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
+    """As if this process could use `count` cores (`usable_cores`)."""
+    monkeypatch.setattr(inference, "usable_cores", lambda: count)
+    monkeypatch.setattr(cores, "usable_cores", lambda: count)
 
 
 def test_an_infer_process_takes_its_share_of_the_threads_and_the_cores(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
-    monkeypatch.setattr(inference, "usable_cores", lambda: 16)
-    classifier, threads = _load_with_torch_threads(settings, 4, processes=2)
-    assert threads == 2
+    _host_cores(monkeypatch, 16)
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    classifier = load_classifier(settings, processes=2)
     assert classifier.predictor.lanes == 2
     assert _session_threads(classifier.predictor) == [1, 1]
     # A quarter of its 8 cores, where the whole host's 16 would give 4.
     assert classifier.decode_threads == 2
 
 
-def test_torch_threads_follow_a_cpu_quota_below_the_hosts_cores(
-    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("usable", "threads"), [(3, [1, 1]), (16, [8, 8])])
+def test_the_forward_passes_follow_the_usable_cores_a_cpu_quota_included(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, usable: int, threads: list[int]
 ) -> None:
     settings = Settings(inference=InferenceSettings(model=tiny_model, device="cpu"))
-    # Torch counts the host's 16 cores; a container's quota allows 3 CPUs.
-    monkeypatch.setattr(inference, "usable_cores", lambda: 3)
-    classifier, threads = _load_with_torch_threads(settings, 16)
-    assert threads == 3
-    assert _session_threads(classifier.predictor) == [1, 1]
-
-
-def _load_with_torch_threads(
-    settings: Settings, threads: int, processes: int = 1
-) -> tuple[SeriesClassifier, int]:
-    """The classifier loaded while torch has `threads` threads, and torch's count after
-    the load; torch's own count is restored."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        return load_classifier(settings, processes), torch.get_num_threads()
-    finally:
-        torch.set_num_threads(previous)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    _host_cores(monkeypatch, usable)
+    assert _session_threads(load_classifier(settings).predictor) == threads
 
 
 def _session_threads(predictor: SlicePredictor) -> list[int]:
@@ -202,7 +194,7 @@ def test_forward_lanes_run_that_many_batches_at_once(
     # Each forward pass waits until the other is under way: one at a time would time out.
     both_running = threading.Barrier(2, timeout=10)
 
-    def together(batch: torch.Tensor) -> torch.Tensor:
+    def together(batch: np.ndarray) -> np.ndarray:
         both_running.wait()
         return network(batch)
 
@@ -223,7 +215,7 @@ def test_lanes_give_back_each_slice_its_own_probabilities_in_order(
     network = classifier.predictor.network
     calls = 0
 
-    def first_finishes_last(batch: torch.Tensor) -> torch.Tensor:
+    def first_finishes_last(batch: np.ndarray) -> np.ndarray:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -255,11 +247,11 @@ def test_inference_decode_threads_decode_that_many_slices_at_once(
     # Each decode waits until `threads` decodes are under way: fewer threads would time out.
     all_decoding = threading.Barrier(threads, timeout=10)
 
-    def together(dataset: Dataset, preprocessing: Preprocessing) -> torch.Tensor:
+    def together(dataset: Dataset, preprocessing: Preprocessing) -> np.ndarray:
         all_decoding.wait()
-        return tensor_from_dataset(dataset, preprocessing)
+        return input_from_dataset(dataset, preprocessing)
 
-    monkeypatch.setattr(inference, "tensor_from_dataset", together)
+    monkeypatch.setattr(inference, "input_from_dataset", together)
     classification = classifier.classify(files)
     assert classification.skipped == []
     assert len(classification.slices) == threads
@@ -269,7 +261,7 @@ def test_slices_read_through_their_layouts_classify_as_their_files_do(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
-    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    classifier = SeriesClassifier(SlicePredictor(tiny_model, "cpu"), batch_size=2)
     by_file = classifier.classify(files)
     stored = [stored_slice(path) for path in files]
     by_layout = classifier.classify(stored)
@@ -291,7 +283,7 @@ def test_a_slice_whose_file_was_cut_short_after_it_was_stored_is_skipped(
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
     slices = [stored_slice(path) for path in files]
     files[1].write_bytes(files[1].read_bytes()[:-100])
-    classifier = SeriesClassifier(SlicePredictor(load_artifact(tiny_model), "cpu"), batch_size=2)
+    classifier = SeriesClassifier(SlicePredictor(tiny_model, "cpu"), batch_size=2)
     classification = classifier.classify(slices)
     ((name, reason),) = classification.skipped
     assert name == files[1].name and "ends before its 262144 stored words" in reason

@@ -15,8 +15,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.numpy_helper
 import pydicom
 import pytest
+import safetensors.torch
 import torch
 import torch.nn.functional as functional
 from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
@@ -34,19 +37,20 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from models import decoder_guard, jpeg_lossless, onnx_network, preprocessing, resample
+from models import decoder_guard, jpeg_lossless, onnx_export, onnx_network, preprocessing, resample
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
+from models.manifest import content_hash
 from models.network import build_mobilenet_v2
 from models.pixel_layout import JPEG_LOSSLESS, NATIVE
-from models.predictor import SlicePredictor
+from models.predictor import SlicePredictor, softmax
 from models.preprocessing import (
     PixelLayout,
     Preprocessing,
     hounsfield_units,
+    input_from_dataset,
+    input_from_layout,
     pixel_layout,
-    tensor_from_dataset,
-    tensor_from_layout,
     unit_from_dataset,
     window,
 )
@@ -91,7 +95,7 @@ def test_real_slice_is_converted_to_hounsfield_units() -> None:
     assert hounsfield.min() >= -1024 - 1e-3
     # Air outside the body is close to -1000 HU.
     assert np.median(hounsfield[:20, :20]) < -900
-    tensor = tensor_from_dataset(dataset, Preprocessing(window_center=-600, window_width=1200))
+    tensor = input_from_dataset(dataset, Preprocessing(window_center=-600, window_width=1200))
     assert tensor.shape == (3, 224, 224)
 
 
@@ -181,8 +185,8 @@ def test_a_slice_read_through_its_layout_gives_the_same_input_bit_for_bit(
     layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
     assert layout is not None
     assert PixelLayout.from_text(layout.to_text()) == layout
-    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
-    assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+    expected = input_from_dataset(pydicom.dcmread(path), SMALL)
+    assert np.array_equal(input_from_layout(path, layout, SMALL), expected)
 
 
 @pytest.mark.parametrize(("signed", "bits_stored", "rescale"), TABLE_CASES)
@@ -201,13 +205,13 @@ def test_a_jpeg_lossless_slice_read_through_its_layout_gives_the_same_input_bit_
     assert layout is not None
     assert layout.encoding == JPEG_LOSSLESS
     assert PixelLayout.from_text(layout.to_text()) == layout
-    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    expected = input_from_dataset(pydicom.dcmread(path), SMALL)
 
     def not_parsed(*args: object, **kwargs: object) -> Dataset:
         raise AssertionError("the file was parsed")
 
     monkeypatch.setattr(pydicom, "dcmread", not_parsed)
-    assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+    assert np.array_equal(input_from_layout(path, layout, SMALL), expected)
 
 
 def test_a_jpeg_stream_libjpeg_turbo_refuses_is_parsed(
@@ -217,14 +221,14 @@ def test_a_jpeg_stream_libjpeg_turbo_refuses_is_parsed(
     path = _saved(made_jpeg_lossless(_slice(True, 12, (1.0, -1024.0))), tmp_path / "slice.dcm")
     layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
     assert layout is not None
-    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    expected = input_from_dataset(pydicom.dcmread(path), SMALL)
 
     def refused(src: bytes) -> np.ndarray:
         raise imagecodecs.Jpeg8Error("refused")
 
     # pylibjpeg then decodes it, as for a file without a layout.
     monkeypatch.setattr(imagecodecs, "jpeg8_decode", refused)
-    assert torch.equal(tensor_from_layout(path, layout, SMALL), expected)
+    assert np.array_equal(input_from_layout(path, layout, SMALL), expected)
 
 
 def _parsed_files(monkeypatch: pytest.MonkeyPatch) -> list[object]:
@@ -249,7 +253,7 @@ def _with_items(dataset: Dataset, change: Callable[[bytearray], None]) -> Datase
     return dataset
 
 
-def _outcome(read: Callable[[], torch.Tensor]) -> tuple[float, ...] | str:
+def _outcome(read: Callable[[], np.ndarray]) -> tuple[float, ...] | str:
     """The input `read` gives, or the name of what it raised."""
     try:
         return tuple(read().flatten().tolist())
@@ -295,9 +299,9 @@ def test_jpeg_items_only_pydicom_reads_its_own_way_are_parsed(
     assert layout is not None
     assert layout.encoding == JPEG_LOSSLESS
     # The parse's input, or what it raises: the layout path must give the same.
-    expected = _outcome(lambda: tensor_from_dataset(pydicom.dcmread(path), SMALL))
+    expected = _outcome(lambda: input_from_dataset(pydicom.dcmread(path), SMALL))
     parsed = _parsed_files(monkeypatch)
-    assert _outcome(lambda: tensor_from_layout(path, layout, SMALL)) == expected
+    assert _outcome(lambda: input_from_layout(path, layout, SMALL)) == expected
     assert parsed == [path]
 
 
@@ -320,10 +324,10 @@ def test_a_layout_of_an_unknown_encoding_is_parsed(
     path = _saved(_slice(False, 12, (1.0, -1024.0)), tmp_path / "slice.dcm")
     layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
     assert layout is not None
-    expected = tensor_from_dataset(pydicom.dcmread(path), SMALL)
+    expected = input_from_dataset(pydicom.dcmread(path), SMALL)
     later = PixelLayout.from_text(layout.to_text().replace('"native"', '"from-a-later-version"'))
     parsed = _parsed_files(monkeypatch)
-    assert torch.equal(tensor_from_layout(path, later, SMALL), expected)
+    assert np.array_equal(input_from_layout(path, later, SMALL), expected)
     assert parsed == [path]
 
 
@@ -340,8 +344,8 @@ def test_the_real_chest_slices_read_through_their_layout_give_the_same_input() -
     for path in sorted(chest_ct().glob("*.dcm")):
         layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
         assert layout is not None, path.name
-        expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
-        assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected), path.name
+        expected = input_from_dataset(pydicom.dcmread(path), preprocessing)
+        assert np.array_equal(input_from_layout(path, layout, preprocessing), expected), path.name
 
 
 def test_data_without_a_layout_is_parsed_and_a_short_file_is_refused(tmp_path: Path) -> None:
@@ -366,7 +370,7 @@ def test_data_without_a_layout_is_parsed_and_a_short_file_is_refused(tmp_path: P
     assert layout is not None
     path.write_bytes(path.read_bytes()[:-2])
     with pytest.raises(ValueError, match="ends before its 1024 stored words"):
-        tensor_from_layout(path, layout, SMALL)
+        input_from_layout(path, layout, SMALL)
 
 
 def test_data_a_table_cannot_map_takes_the_reference_path(
@@ -569,7 +573,7 @@ def _refused_before_any_decoder(
 
     monkeypatch.setattr(Dataset, "pixel_array", property(no_decoding))
     with pytest.raises(ValueError, match=match):
-        tensor_from_dataset(dataset, SMALL)
+        input_from_dataset(dataset, SMALL)
 
 
 @pytest.mark.parametrize(
@@ -599,7 +603,7 @@ def test_a_jpeg_frame_header_that_contradicts_its_data_set_reaches_no_decoder(
     _refused_before_any_decoder(pydicom.dcmread(path), "a JPEG frame header says", monkeypatch)
     # Through the layout: libjpeg-turbo refuses it or decodes another size; then parsed.
     with pytest.raises(ValueError, match="a JPEG frame header says"):
-        tensor_from_layout(path, layout, SMALL)
+        input_from_layout(path, layout, SMALL)
 
 
 def _first_chest_slice() -> Path:
@@ -637,9 +641,9 @@ def _siz_changed(dataset: Dataset, **changes: int) -> Dataset:
 
 def test_jpeg_ls_and_jpeg_2000_slices_decode_as_the_uncompressed_one(tmp_path: Path) -> None:
     source = pydicom.dcmread(_first_chest_slice())
-    expected = tensor_from_dataset(source, SMALL)
+    expected = input_from_dataset(source, SMALL)
     for compressed in (_jpeg_ls(tmp_path), _jpeg_2000()):
-        assert torch.equal(tensor_from_dataset(compressed, SMALL), expected)
+        assert np.array_equal(input_from_dataset(compressed, SMALL), expected)
 
 
 def test_gdcm_decodes_no_jpeg_jpeg_ls_or_jpeg_2000() -> None:
@@ -737,7 +741,7 @@ def test_a_jpeg_lossless_frame_cut_short_is_refused_through_its_layout(tmp_path:
     layout = pixel_layout(pydicom.dcmread(path, defer_size=1024))
     assert layout is not None and layout.encoding == JPEG_LOSSLESS
     with pytest.raises(ValueError, match="cut short"):
-        tensor_from_layout(path, layout, SMALL)
+        input_from_layout(path, layout, SMALL)
 
 
 def _stray_byte_before_scan(dataset: Dataset, refused_by_libjpeg_turbo: bool) -> Dataset:
@@ -772,9 +776,9 @@ def test_a_stray_byte_between_jpeg_segments_does_not_abort_the_process(
     script = (
         "import sys, pydicom\n"
         "from models.manifest import Preprocessing\n"
-        "from models.preprocessing import tensor_from_dataset\n"
+        "from models.preprocessing import input_from_dataset\n"
         "try:\n"
-        "    tensor_from_dataset(pydicom.dcmread(sys.argv[1]), Preprocessing(40.0, 400.0))\n"
+        "    input_from_dataset(pydicom.dcmread(sys.argv[1]), Preprocessing(40.0, 400.0))\n"
         "    print('decoded')\n"
         "except Exception as error:\n"
         "    print('refused', type(error).__name__)\n"
@@ -794,48 +798,75 @@ def test_artifact_round_trip_and_prediction(tmp_path: Path) -> None:
     folder = tiny_artifact(tmp_path / "model")
     artifact = load_artifact(folder)
     assert artifact.manifest.classes == CLASSES
-    predictor = SlicePredictor(artifact, "cpu")
-    probabilities = predictor.predict(torch.zeros(2, 3, 64, 64))
+    predictor = SlicePredictor(folder, "cpu", onnx_cache=tmp_path / "cache")
+    probabilities = predictor.predict(np.zeros((2, 3, 64, 64), dtype=np.float32))
     assert probabilities.shape == (2, 3)
     assert probabilities.sum(axis=1) == pytest.approx([1.0, 1.0])
+
+
+def _eager_probabilities(folder: Path, inputs: np.ndarray) -> np.ndarray:
+    """The artifact's own network, in eager PyTorch, on `inputs`."""
+    with torch.inference_mode():
+        logits = load_artifact(folder).build_network()(torch.from_numpy(inputs))
+    probabilities: np.ndarray = torch.softmax(logits, dim=1).double().numpy()
+    return probabilities
 
 
 def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
     tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    artifact = load_artifact(tiny_model)
     slices = sorted(chest_ct().glob("*.dcm"))[:7]
-    preprocessing = artifact.manifest.preprocessing
-    inputs = torch.stack(
-        [tensor_from_dataset(pydicom.dcmread(path), preprocessing) for path in slices]
-    )
-    with torch.inference_mode():
-        eager = torch.softmax(artifact.build_network()(inputs), dim=1).double().numpy()
+    preprocessing = load_artifact(tiny_model).manifest.preprocessing
+    inputs = np.stack([input_from_dataset(pydicom.dcmread(path), preprocessing) for path in slices])
+    eager = _eager_probabilities(tiny_model, inputs)
 
-    predictor = SlicePredictor(artifact, "cpu", onnx_cache=tmp_path)
+    predictor = SlicePredictor(tiny_model, "cpu", onnx_cache=tmp_path)
     # Any batch size, not only the one the model was exported with.
     probabilities = np.concatenate([predictor.predict(inputs[:1]), predictor.predict(inputs[1:])])
     assert probabilities == pytest.approx(eager, abs=1e-5)
     assert (probabilities.argmax(axis=1) == eager.argmax(axis=1)).all()
 
-    def no_export(artifact: object) -> bytes:
+    def no_export(folder: Path, output: Path) -> None:
         raise AssertionError("exported again despite the cache")
 
-    monkeypatch.setattr(onnx_network, "_export", no_export)
-    restarted = SlicePredictor(artifact, "cpu", onnx_cache=tmp_path)
+    monkeypatch.setattr(onnx_network, "_run_export", no_export)
+    restarted = SlicePredictor(tiny_model, "cpu", onnx_cache=tmp_path)
     assert restarted.predict(inputs) == pytest.approx(probabilities, abs=1e-6)
     with pytest.raises(ValueError, match=r"expected a \(n, 3, 64, 64\) batch"):
-        restarted.predict(torch.zeros(1, 3, 32, 32))
+        restarted.predict(np.zeros((1, 3, 32, 32), dtype=np.float32))
 
 
-def _at_once(
-    network: Callable[[torch.Tensor], torch.Tensor], batches: list[torch.Tensor]
-) -> list[Any]:
+def test_a_cpu_predictor_runs_without_importing_torch(tiny_model: Path, tmp_path: Path) -> None:
+    """torch (~670 MB) stays out of a process that classifies on a CPU, even one that
+    has to export the model first: the export runs in a child process."""
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from models.predictor import SlicePredictor\n"
+        "predictor = SlicePredictor(Path(sys.argv[1]), 'auto', onnx_cache=Path(sys.argv[2]))\n"
+        "print(predictor.device, predictor.predict(np.zeros((1, 3, 64, 64), np.float32)).shape)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'onnx'}))\n"
+    )
+    for run in ("exports", "reads the cache"):
+        ran = subprocess.run(
+            [sys.executable, "-c", script, str(tiny_model), str(tmp_path / "cache")],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            cwd=Path(__file__).parent.parent,
+        )
+        assert ran.returncode == 0, ran.stderr[-2000:]
+        assert ran.stdout.splitlines() == ["cpu (1, 3)", "[]"], run
+    assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
+
+
+def _at_once(network: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]) -> list[Any]:
     """Each batch's logits, or its error, each from a thread of its own. Daemon
     threads: a call that never returns fails the test instead of hanging it."""
     results: queue.Queue[Any] = queue.Queue()
 
-    def run(batch: torch.Tensor) -> None:
+    def run(batch: np.ndarray) -> None:
         try:
             results.put(network(batch))
         except Exception as error:  # returned to the test, which checks its type
@@ -847,31 +878,53 @@ def _at_once(
 
 
 def test_a_forward_pass_that_fails_gives_its_lane_back(tiny_model: Path, tmp_path: Path) -> None:
-    network = SlicePredictor(load_artifact(tiny_model), "cpu", tmp_path, lanes=2).network
-    two_channels = torch.zeros(1, 2, 64, 64)  # ONNX Runtime refuses the shape
+    network = SlicePredictor(tiny_model, "cpu", tmp_path, lanes=2).network
+    two_channels = np.zeros((1, 2, 64, 64), dtype=np.float32)  # ONNX Runtime refuses the shape
     for _ in range(3):  # more failures than lanes: a lost session would block the third
         (error,) = _at_once(network, [two_channels])
         assert isinstance(error, InvalidArgument)
-    both = _at_once(network, [torch.zeros(2, 3, 64, 64)] * 2)
+    both = _at_once(network, [np.zeros((2, 3, 64, 64), dtype=np.float32)] * 2)
     assert [logits.shape for logits in both] == [(2, 3)] * 2
 
 
+def _damaged(model: bytes) -> bytes:
+    """`model` with its first class's bias moved by 1: as if its weights were damaged,
+    its metadata (content hash, probe logits) untouched."""
+    proto = onnx.load_from_string(model)
+    (bias,) = [
+        tensor for tensor in proto.graph.initializer if tuple(tensor.dims) == (len(CLASSES),)
+    ]
+    bias.CopyFrom(
+        onnx.numpy_helper.from_array(
+            onnx.numpy_helper.to_array(bias) + np.array([1, 0, 0], np.float32), bias.name
+        )
+    )
+    return bytes(proto.SerializeToString())
+
+
+@pytest.mark.parametrize("damage", ["another model's export", "damaged weights", "cut short"])
 def test_a_cached_export_that_disagrees_with_the_artifact_is_exported_again(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
 ) -> None:
-    artifact = load_artifact(tiny_artifact(tmp_path / "model", seed=1))
-    other = load_artifact(tiny_artifact(tmp_path / "other", seed=2))
+    folder = tiny_artifact(tmp_path / "model", seed=1)
     cache = tmp_path / "cache"
-    SlicePredictor(artifact, "cpu", onnx_cache=cache)
+    SlicePredictor(folder, "cpu", onnx_cache=cache)
     (cached,) = cache.glob("*.onnx")
-    # Another network's export under this artifact's name: damaged or replaced.
-    cached.write_bytes(onnx_network.exported_model(other, tmp_path / "other-cache"))
-    inputs = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(5))
-    with torch.inference_mode():
-        eager = torch.softmax(artifact.build_network().eval()(inputs), dim=1).double().numpy()
+    if damage == "another model's export":
+        other = load_artifact(tiny_artifact(tmp_path / "other", seed=2))
+        cached.write_bytes(onnx_export.exported_model(other))
+    elif damage == "damaged weights":
+        cached.write_bytes(_damaged(cached.read_bytes()))
+    else:
+        cached.write_bytes(cached.read_bytes()[:100_000])
+    inputs = np.random.default_rng(5).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    eager = _eager_probabilities(folder, inputs)
+    if damage != "cut short":
+        planted = softmax(onnx_network.OnnxNetwork(cached.read_bytes(), 1)(inputs))
+        assert np.abs(planted - eager).max() > 1e-3  # the planted model does differ
 
     with caplog.at_level(logging.WARNING, logger="models.onnx_network"):
-        predictor = SlicePredictor(artifact, "cpu", onnx_cache=cache)
+        predictor = SlicePredictor(folder, "cpu", onnx_cache=cache)
     assert "disagrees with the artifact" in caplog.text
     assert predictor.predict(inputs) == pytest.approx(eager, abs=1e-5)
 
@@ -879,8 +932,23 @@ def test_a_cached_export_that_disagrees_with_the_artifact_is_exported_again(
 def test_unwritable_export_cache_only_costs_the_export(tiny_model: Path, tmp_path: Path) -> None:
     occupied = tmp_path / "not-a-folder"
     occupied.write_text("")
-    predictor = SlicePredictor(load_artifact(tiny_model), "cpu", onnx_cache=occupied)
-    assert predictor.predict(torch.zeros(2, 3, 64, 64)).shape == (2, 3)
+    predictor = SlicePredictor(tiny_model, "cpu", onnx_cache=occupied)
+    assert predictor.predict(np.zeros((2, 3, 64, 64), dtype=np.float32)).shape == (2, 3)
+
+
+def test_an_export_that_fails_says_why(tmp_path: Path) -> None:
+    """The child's reason reaches the caller: here weights that do not fit the network,
+    which only loading them in torch (in the child) can tell."""
+    folder = tiny_artifact(tmp_path / "model")
+    weights = folder / "weights.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    state["classifier.1.bias"] = torch.zeros(7)
+    safetensors.torch.save_file(state, str(weights))
+    document = json.loads((folder / "manifest.json").read_text())
+    document["content_hash"] = content_hash(document, weights.read_bytes())
+    (folder / "manifest.json").write_text(json.dumps(document))
+    with pytest.raises(onnx_network.ExportError, match="do not fit the network"):
+        SlicePredictor(folder, "cpu", onnx_cache=tmp_path / "cache")
 
 
 def test_tampered_artifacts_are_refused_with_the_reason(tmp_path: Path) -> None:

@@ -10,13 +10,13 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
-import torch
 from pydicom.uid import RLELossless
 
 from models.pixel_layout import JPEG_LOSSLESS, NATIVE
-from models.preprocessing import PixelLayout, Preprocessing, tensor_from_dataset, tensor_from_layout
+from models.preprocessing import PixelLayout, Preprocessing, input_from_dataset, input_from_layout
 from pacs_node.config import DicomSettings, IntakeSettings
 from pacs_node.receiver import Receiver
 from pacs_node.storage import Storage
@@ -138,8 +138,8 @@ def test_the_row_keeps_where_a_slices_words_lie_in_place_or_as_a_jpeg_lossless_f
         layout = PixelLayout.from_text(text)
         assert layout.encoding == encoding
         path = storage.absolute(rows[dataset.SOPInstanceUID].path)
-        expected = tensor_from_dataset(pydicom.dcmread(path), preprocessing)
-        assert torch.equal(tensor_from_layout(path, layout, preprocessing), expected)
+        expected = input_from_dataset(pydicom.dcmread(path), preprocessing)
+        assert np.array_equal(input_from_layout(path, layout, preprocessing), expected)
 
 
 def test_a_file_that_cannot_be_synced_is_refused_and_removed(

@@ -14,7 +14,6 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from models.artifact import load_artifact
 from models.predictor import SlicePredictor
 from pacs_node.assembler import Assembler
 from pacs_node.config import SeriesSettings
@@ -73,7 +72,7 @@ def infer_stage(
         store,
         Worker("test:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1),
         storage,
-        SeriesClassifier(SlicePredictor(load_artifact(model), "cpu"), batch_size),
+        SeriesClassifier(SlicePredictor(model, "cpu"), batch_size),
         ReportingNode(ae_title="TEST"),
         destinations=[],
         send_max_attempts=1,

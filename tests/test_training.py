@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from models.artifact import ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
 from models.predictor import SlicePredictor
-from models.preprocessing import Preprocessing, tensor_from_dataset, window
+from models.preprocessing import Preprocessing, input_from_dataset, window
 from training.cli import main
 from training.cv import fold_indices
 from training.datasets import DataError, Sample, read_image_sample
@@ -235,8 +235,8 @@ def test_fit_artifact_is_used_by_the_node(fitted: Path) -> None:
         "benign": 6, "malignant": 6, "normal": 6
     }  # fmt: skip
     assert (fitted / "artifact" / "MODEL_CARD.md").read_text().startswith("# Model card")
-    predictor = SlicePredictor(artifact, device="cpu")
-    probabilities = predictor.predict(torch.zeros(4, 3, 32, 32))
+    predictor = SlicePredictor(artifact.folder, device="cpu")
+    probabilities = predictor.predict(np.zeros((4, 3, 32, 32), dtype=np.float32))
     assert probabilities.shape == (4, 3)
     assert np.allclose(probabilities.sum(axis=1), 1.0)
     assert (fitted.parent / "plots" / "training_curves.png").is_file()
@@ -286,7 +286,7 @@ def test_dicom_and_its_8bit_export_give_the_same_input(
     """
     preprocessing = Preprocessing(window_center=center, window_width=width, input_size=224)
     dataset = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[15])
-    from_dicom = tensor_from_dataset(dataset, preprocessing)
+    from_dicom = torch.from_numpy(input_from_dataset(dataset, preprocessing))
     from models.preprocessing import hounsfield_units
 
     grey = np.round(255 * window(hounsfield_units(dataset), center, width)).astype(np.uint8)
@@ -344,7 +344,7 @@ def test_dicom_and_volume_loaders_read_through_the_node_pipeline(tmp_path: Path)
     slices = load_all(folder, preprocessing)
     assert slices.class_counts() == {"malignant": 2, "normal": 2}
     first = pydicom.dcmread(slices.samples[0].source)
-    assert torch.equal(slices.inputs[0], tensor_from_dataset(first, preprocessing))
+    assert np.array_equal(slices.inputs[0].numpy(), input_from_dataset(first, preprocessing))
     with pytest.raises(DataError, match=r"unknown label.*'normal'"):
         scan(dicom_root, classes=("benign", "malignant"))
 

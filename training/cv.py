@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
+import torch
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from models.predictor import resolve_device
@@ -70,7 +71,7 @@ def cross_validate(
     device_name: str = "auto",
     deterministic: bool = False,
 ) -> CvResult:
-    device = resolve_device(device_name)
+    device = torch.device(resolve_device(device_name))
     results = []
     for number, (train_index, test_index) in enumerate(
         fold_indices(data, protocol, folds, recipe.seed), start=1

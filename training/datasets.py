@@ -23,7 +23,7 @@ from PIL import Image, UnidentifiedImageError
 from sklearn.model_selection import StratifiedGroupKFold
 from tqdm import tqdm  # type: ignore[import-untyped]
 
-from models.preprocessing import Preprocessing, tensor_from_unit, unit_from_8bit
+from models.preprocessing import Preprocessing, input_from_unit, unit_from_8bit
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 SPLIT_FILE = "split.csv"
@@ -176,7 +176,8 @@ def read_8bit(path: Path) -> np.ndarray:
 
 def read_image_sample(sample: Sample, preprocessing: Preprocessing) -> torch.Tensor:
     """An 8-bit export enters the shared pipeline at the [0, 1] step."""
-    return tensor_from_unit(unit_from_8bit(read_8bit(Path(sample.source))), preprocessing)
+    unit = unit_from_8bit(read_8bit(Path(sample.source)))
+    return torch.from_numpy(input_from_unit(unit, preprocessing))
 
 
 def image_classes(root: Path) -> tuple[str, ...]:

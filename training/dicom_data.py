@@ -17,7 +17,7 @@ import torch
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
-from models.preprocessing import Preprocessing, tensor_from_dataset
+from models.preprocessing import Preprocessing, input_from_dataset
 from training.datasets import DataError, Sample
 
 LABEL_FILE = "labels.csv"
@@ -72,7 +72,7 @@ def read_dicom_sample(sample: Sample, preprocessing: Preprocessing) -> torch.Ten
         dataset = dcmread(sample.source)
     except (InvalidDicomError, OSError) as error:
         raise DataError(f"cannot read DICOM file {sample.source}: {error}") from error
-    return tensor_from_dataset(dataset, preprocessing)
+    return torch.from_numpy(input_from_dataset(dataset, preprocessing))
 
 
 def dicom_classes(root: Path, labels_path: Path | None = None) -> Sequence[str]:

@@ -7,15 +7,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
 
 import models
 from models.aggregation import aggregate
 from models.artifact import Artifact, load_artifact
+from models.manifest import load_manifest
 from models.predictor import SlicePredictor
-from models.preprocessing import tensor_from_dataset
+from models.preprocessing import input_from_dataset
 from training.datasets import DataError, SliceSet
 from training.layouts import Layout, load_all, scan
 from training.metrics import classification_metrics
@@ -28,9 +28,9 @@ def predict_with_artifact(
     artifact: Artifact, data: SliceSet, device: str = "auto", batch_size: int = 64
 ) -> np.ndarray:
     """Slice probabilities through the node's own predictor."""
-    predictor = SlicePredictor(artifact, device)
+    predictor = SlicePredictor(artifact.folder, device)
     parts = [
-        predictor.predict(data.inputs[start : start + batch_size])
+        predictor.predict(data.inputs[start : start + batch_size].numpy())
         for start in range(0, len(data), batch_size)
     ]
     return np.concatenate(parts)
@@ -68,8 +68,7 @@ def evaluate_artifact(
 def predict_series(model: Path, folder: Path, device: str = "auto") -> dict[str, Any]:
     """Per-slice probabilities and the series result for one DICOM series, as the node
     computes them: the node's preprocessing, predictor and aggregation rule."""
-    artifact = load_artifact(model)
-    manifest = artifact.manifest
+    manifest = load_manifest(model)
     paths = sorted(path for path in folder.rglob("*") if path.is_file())
     datasets = []
     for path in paths:
@@ -84,8 +83,8 @@ def predict_series(model: Path, folder: Path, device: str = "auto") -> dict[str,
         raise DataError(f"{folder} holds {len(series)} series; give one series folder")
     # Slice order along the patient axis, as the node orders a series.
     datasets.sort(key=lambda item: int(item[1].get("InstanceNumber", 0)))
-    inputs = torch.stack([tensor_from_dataset(ds, manifest.preprocessing) for _, ds in datasets])
-    probabilities = SlicePredictor(artifact, device).predict(inputs)
+    inputs = np.stack([input_from_dataset(ds, manifest.preprocessing) for _, ds in datasets])
+    probabilities = SlicePredictor(model, device).predict(inputs)
     result = aggregate(probabilities, manifest.classes, manifest.aggregation)
     return {
         "model": manifest.model_id,

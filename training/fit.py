@@ -457,7 +457,7 @@ def fit(options: FitOptions, recipe: Recipe) -> FitResult:
     """Load the data, train, select the best epoch on validation macro-F1."""
     started = time.monotonic()
     generator = seed_everything(recipe.seed, options.deterministic)
-    device = resolve_device(options.device)
+    device = torch.device(resolve_device(options.device))
     data, preprocessing = load_data(options, recipe)
     network, initialisation = initialise(options.init, len(data.train.classes), recipe.dropout)
     network = on_device(network, device)

@@ -16,7 +16,7 @@ import numpy as np
 import SimpleITK
 import torch
 
-from models.preprocessing import Preprocessing, tensor_from_hounsfield
+from models.preprocessing import Preprocessing, input_from_hounsfield
 from training.datasets import DataError, Sample
 
 LABEL_FILE = "labels.csv"
@@ -71,7 +71,7 @@ def scan_volume_folder(root: Path) -> list[Sample]:
 
 def read_volume_sample(sample: Sample, preprocessing: Preprocessing) -> torch.Tensor:
     path, _, index = sample.source.rpartition(SLICE_SEPARATOR)
-    return tensor_from_hounsfield(_volume_hu(path)[int(index)], preprocessing)
+    return torch.from_numpy(input_from_hounsfield(_volume_hu(path)[int(index)], preprocessing))
 
 
 def volume_classes(root: Path) -> Sequence[str]:

@@ -4,14 +4,14 @@
         [--rounds 3]
 
 Each worker turns slices into the model's input as the infer stage does
-(`pacs_node.inference.decode_slice`), four slices per task, with torch at
-one thread: parsed by pydicom in threads (as `pacs-node classify` reads
-files) or in spawned processes, and read through the layouts the receiver
-records, in threads (as the infer stage reads uncompressed slices it
-received). Threads share one GIL; processes do not, but send each input back
-through a pipe. The table shows, per worker count, the median rate of the
-rounds and the CPU the main process spent per slice; the last lines the
-ratios to parsing in threads. It tells what would feed a fast model (a GPU).
+(`pacs_node.inference.decode_slice`), four slices per task: parsed by
+pydicom in threads (as `pacs-node classify` reads files) or in spawned
+processes, and read through the layouts the receiver records, in threads (as
+the infer stage reads uncompressed slices it received). Threads share one
+GIL; processes do not, but send each input back through a pipe. The table
+shows, per worker count, the median rate of the rounds and the CPU the main
+process spent per slice; the last lines the ratios to parsing in threads. It
+tells what would feed a fast model (a GPU).
 """
 
 from __future__ import annotations
@@ -26,10 +26,8 @@ from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from models.artifact import load_artifact
-from models.manifest import Preprocessing
+from models.manifest import Preprocessing, load_manifest
 from pacs_node.config import BUNDLED_MODEL
 from pacs_node.inference import Slice, decode_slice
 from tests.benchmarks.series import long_series
@@ -39,22 +37,16 @@ SLICES_PER_TASK = 4
 LAYOUTS = "threads, layouts"
 
 
-def _one_torch_thread() -> None:
-    torch.set_num_threads(1)
-
-
 def decode(slices: list[Slice], preprocessing: Preprocessing) -> list[np.ndarray]:
-    tensors = [decode_slice(item, preprocessing).tensor for item in slices]
-    return [tensor.numpy() for tensor in tensors if tensor is not None]
+    decoded = [decode_slice(item, preprocessing).pixels for item in slices]
+    return [pixels for pixels in decoded if pixels is not None]
 
 
 def pools(workers: int) -> dict[str, Callable[[], Executor]]:
     spawn = multiprocessing.get_context("spawn")
     return {
         "threads": lambda: ThreadPoolExecutor(workers),
-        "processes": lambda: ProcessPoolExecutor(
-            workers, mp_context=spawn, initializer=_one_torch_thread
-        ),
+        "processes": lambda: ProcessPoolExecutor(workers, mp_context=spawn),
         LAYOUTS: lambda: ThreadPoolExecutor(workers),
     }
 
@@ -79,8 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8, 16])
     parser.add_argument("--rounds", type=int, default=3)
     arguments = parser.parse_args(argv)
-    _one_torch_thread()
-    preprocessing = load_artifact(BUNDLED_MODEL).manifest.preprocessing
+    preprocessing = load_manifest(BUNDLED_MODEL).preprocessing
     with tempfile.TemporaryDirectory(prefix="pacs-node-decode-") as scratch:
         files = long_series(Path(scratch), arguments.slices)
         paths: list[Slice] = list(files)

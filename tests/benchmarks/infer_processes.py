@@ -26,7 +26,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from models.artifact import load_artifact
 from pacs_node.config import BUNDLED_MODEL
 from pacs_node.store import JobKind, JobStatus, NewInstance
 from tests.benchmarks.inference import NODE, node_model_only, node_predictor
@@ -101,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="pacs-node-processes-") as scratch:
         root = Path(scratch)
         instances = stored_instances(root / "var", arguments.series, arguments.slices)
-        predictor = node_predictor(load_artifact(BUNDLED_MODEL), arguments.device, None)
+        predictor = node_predictor(BUNDLED_MODEL, arguments.device, None)
         batches = first_series_batches(root / "var", instances, arguments.slices, predictor, 16)
         model_rates: list[float] = []
         stage_rates: dict[int, list[float]] = {count: [] for count in arguments.processes}

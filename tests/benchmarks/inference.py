@@ -52,7 +52,7 @@ import torch
 
 from models.artifact import Artifact, load_artifact
 from models.predictor import SlicePredictor, resolve_device
-from models.preprocessing import tensor_from_dataset
+from models.preprocessing import input_from_dataset
 from pacs_node.config import BUNDLED_MODEL
 from pacs_node.inference import (
     SeriesClassifier,
@@ -67,7 +67,7 @@ from tests.benchmarks.series import long_series
 from tests.dicom_data import stored_slice, tiny_artifact
 from tests.peers import tool
 
-Predict = Callable[[torch.Tensor], np.ndarray]
+Predict = Callable[[np.ndarray], np.ndarray]
 # The model-only reference: the forward pass the node itself runs.
 NODE = "node (SlicePredictor)"
 REPORTING_NODE = ReportingNode(ae_title="BENCH")
@@ -84,24 +84,24 @@ def timed(run: Callable[[], object]) -> Timing:
     return Timing(time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def model_only(predict: Predict, device: torch.device, batches: list[torch.Tensor]) -> Timing:
+def model_only(predict: Predict, device: str, batches: list[np.ndarray]) -> Timing:
     """The forward passes alone (with the softmax, as the node runs them)."""
     predict(batches[0])  # warm-up: first-call allocations
-    if device.type == "cuda":
+    if device == "cuda":
         torch.cuda.synchronize()
     # predict returns numpy: the device is synchronised
     return timed(lambda: [predict(batch) for batch in batches])
 
 
 def node_predictor(
-    artifact: Artifact, device: str, lanes: int | None, onnx_cache: Path | None = None
+    model: Path, device: str, lanes: int | None, onnx_cache: Path | None = None
 ) -> SlicePredictor:
     """The node's predictor, with `lanes` or, by default, the node's own choice."""
     chosen = lanes or forward_lane_count("auto", resolve_device(device))
-    return SlicePredictor(artifact, device, onnx_cache, chosen)
+    return SlicePredictor(model, device, onnx_cache, chosen)
 
 
-def node_model_only(predictor: SlicePredictor, batches: list[torch.Tensor]) -> Timing:
+def node_model_only(predictor: SlicePredictor, batches: list[np.ndarray]) -> Timing:
     """The node's own forward passes alone, as many at once as it has lanes."""
     predictor.predict(batches[0])  # warm-up: first-call allocations
 
@@ -205,30 +205,29 @@ def as_predict(forward: Forward) -> Predict:
     """A forward pass as the node runs it: no autograd, softmax in fp32, numpy."""
 
     @torch.inference_mode()
-    def predict(batch: torch.Tensor) -> np.ndarray:
-        return torch.softmax(forward(batch).float(), dim=1).cpu().numpy().astype(np.float64)
+    def predict(batch: np.ndarray) -> np.ndarray:
+        logits = forward(torch.from_numpy(batch)).float()
+        return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float64)
 
     return predict
 
 
 def variants(
-    artifact: Artifact, device: torch.device, batch_size: int, compile: bool
+    artifact: Artifact, device: str, batch_size: int, compile: bool
 ) -> dict[str, Callable[[], Predict]]:
     """Builders of the predicts compared with the node's, for `device`."""
-    if device.type == "cpu":
-        forwards = cpu_variants(artifact)
-    else:
-        forwards = cuda_variants(artifact, batch_size)
+    forwards = cpu_variants(artifact) if device == "cpu" else cuda_variants(artifact, batch_size)
     builders = {name: _predicting(build) for name, build in forwards.items()}
     if compile:
-        if device.type == "cpu":
+        if device == "cpu":
             builders["torch.compile"] = lambda: as_predict(torch.compile(artifact.build_network()))
         else:
             builders["torch.compile (node's forward)"] = lambda: compiled_node(artifact)
-    if device.type == "cuda":
+    if device == "cuda":
         # The node's own CPU path and the reference network on the CPU: both devices
         # must give the same classes.
-        builders["node on the CPU (ONNX Runtime)"] = lambda: SlicePredictor(artifact, "cpu").predict
+        node_on_cpu = "node on the CPU (ONNX Runtime)"
+        builders[node_on_cpu] = lambda: SlicePredictor(artifact.folder, "cpu").predict
         builders["eager fp32 on the CPU"] = _predicting(artifact.build_network)
     return builders
 
@@ -238,13 +237,13 @@ def _predicting(build: Callable[[], Forward]) -> Callable[[], Predict]:
 
 
 def compiled_node(artifact: Artifact) -> Predict:
-    predictor = SlicePredictor(artifact, "cuda")
-    predictor.network = torch.compile(predictor.network)
-    return predictor.predict
+    """The node's CUDA forward pass (eager fp32, the batch copied in), compiled."""
+    network = torch.compile(artifact.build_network().to("cuda"))
+    return as_predict(lambda batch: network(batch.to("cuda", non_blocking=True)))
 
 
 def gpu_ceiling(
-    artifact: Artifact, tensors: list[torch.Tensor], batch_sizes: list[int], rounds: int
+    artifact: Artifact, inputs: list[np.ndarray], batch_sizes: list[int], rounds: int
 ) -> dict[int, float]:
     """Slices/s of the network on inputs already on the GPU, by batch size.
 
@@ -252,7 +251,7 @@ def gpu_ceiling(
     synchronisation but at the end: the most the network itself can do on this GPU.
     """
     network = artifact.build_network().to("cuda").to(memory_format=torch.channels_last)
-    on_gpu = torch.stack(tensors).to("cuda", memory_format=torch.channels_last)
+    on_gpu = torch.from_numpy(np.stack(inputs)).to("cuda", memory_format=torch.channels_last)
     rates = {}
     with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
         for size in batch_sizes:
@@ -311,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         artifact = load_artifact(model)
         started = time.perf_counter()
         # A fresh export cache: the set-up time includes the export a first start pays.
-        predictor = node_predictor(artifact, arguments.device, arguments.lanes, root / "onnx")
+        predictor = node_predictor(model, arguments.device, arguments.lanes, root / "onnx")
         set_up = {NODE: time.perf_counter() - started}
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)  # as load_classifier does
         classifiers = {
@@ -333,14 +332,14 @@ def main(argv: list[str] | None = None) -> int:
             "jpeg lossless": [stored_slice(path) for path in sorted(lossless.iterdir())],
         }
         preprocessing = predictor.manifest.preprocessing
-        tensors = [tensor_from_dataset(pydicom.dcmread(path), preprocessing) for path in plain]
+        slices = [input_from_dataset(pydicom.dcmread(path), preprocessing) for path in plain]
         size = arguments.batch_size
-        batches = [torch.stack(tensors[i : i + size]) for i in range(0, len(tensors), size)]
+        batches = [np.stack(slices[i : i + size]) for i in range(0, len(slices), size)]
         predicts: dict[str, Predict] = {}
         builders = variants(artifact, predictor.device, size, arguments.compile)
         if predictor.lanes > 1:
             builders["node with one lane"] = lambda: (
-                SlicePredictor(artifact, arguments.device, root / "onnx").predict
+                SlicePredictor(model, arguments.device, root / "onnx").predict
             )
         for name, build in builders.items():
             started = time.perf_counter()
@@ -396,8 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                 line += f" {set_up[name]:8.1f} {difference:9.1e} {'same' if same else 'DIFFER'}"
             print(line)
         node = rates[NODE]
-        if predictor.device.type == "cuda":
-            ceiling = gpu_ceiling(artifact, tensors, [size, 64, 256], arguments.rounds)
+        if predictor.device == "cuda":
+            ceiling = gpu_ceiling(artifact, slices, [size, 64, 256], arguments.rounds)
             for batch_size, rate in ceiling.items():
                 print(f"{f'ceiling: fp16 network, batch {batch_size}, on GPU':<40} {rate:8.1f}")
             print(f"ratio model-only node/ceiling at batch {size}: {node / ceiling[size]:.2f}")

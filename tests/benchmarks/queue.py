@@ -28,13 +28,12 @@ import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import numpy as np
 import pydicom
-import torch
 from pydicom.filereader import read_file_meta_info
 
-from models.artifact import load_artifact
 from models.predictor import SlicePredictor
-from models.preprocessing import tensor_from_dataset
+from models.preprocessing import input_from_dataset
 from pacs_node.config import BUNDLED_MODEL, IntakeSettings
 from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
 from pacs_node.receiver import read_instance
@@ -90,14 +89,14 @@ def first_series_batches(
     slices: int,
     predictor: SlicePredictor,
     batch_size: int,
-) -> list[torch.Tensor]:
-    """The first series' slices as ready tensors, in batches: the model-only input."""
+) -> list[np.ndarray]:
+    """The first series' slices as ready inputs, in batches: the model-only input."""
     preprocessing = predictor.manifest.preprocessing
-    tensors = [
-        tensor_from_dataset(pydicom.dcmread(root / instance.path), preprocessing)
+    inputs = [
+        input_from_dataset(pydicom.dcmread(root / instance.path), preprocessing)
         for instance in instances[:slices]
     ]
-    return [torch.stack(tensors[i : i + batch_size]) for i in range(0, slices, batch_size)]
+    return [np.stack(inputs[i : i + batch_size]) for i in range(0, slices, batch_size)]
 
 
 class StageSplit(logging.Handler):
@@ -157,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(scratch)
         instances = stored_instances(root / "var", arguments.series, arguments.slices)
         storage = Storage(root / "var")
-        predictor = node_predictor(load_artifact(BUNDLED_MODEL), arguments.device, arguments.lanes)
+        predictor = node_predictor(BUNDLED_MODEL, arguments.device, arguments.lanes)
         settle_long_lived_objects(predictor.manifest, REPORTING_NODE)
         classifier = SeriesClassifier(predictor, arguments.batch_size, arguments.decode_threads)
         size = arguments.batch_size
