@@ -300,6 +300,37 @@ def test_a_model_whose_reports_would_be_invalid_is_refused_when_the_node_loads_i
         load_classifier(settings)
 
 
+def test_the_infer_stage_on_a_cpu_never_imports_torch(tiny_model: Path) -> None:
+    """A `serve`'s infer process (what it imports, the model it loads, a series it
+    classifies and reports) holds no torch: ~670 MB it does not need on a CPU."""
+    script = f"""
+import sys
+from pathlib import Path
+import pacs_node.classify, pacs_node.service, pacs_node.stage_process, pacs_node.worker
+from pacs_node.config import InferenceSettings, Settings
+from pacs_node.inference import load_classifier
+from pacs_node.report import ReportingNode, build_report
+from tests.peers import chest_ct
+classifier = load_classifier(
+    Settings(inference=InferenceSettings(model=Path({str(tiny_model)!r}), device="cpu"))
+)
+classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:3])
+build_report(
+    sources=classification.headers,
+    result=classification.result,
+    manifest=classifier.predictor.manifest,
+    revision=1,
+    node=ReportingNode(ae_title="TEST"),
+)
+print(sorted({{name.split(".")[0] for name in sys.modules}} & {{"torch", "torchvision", "onnx"}}))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split("\n")[-2] == "[]"
+
+
 def test_highdicom_tables_are_loaded_and_frozen_with_the_model(tiny_model: Path) -> None:
     """The first report reads highdicom's tables of the standard (~200 000 objects);
     loaded after the freeze, every full garbage collection would scan them."""
