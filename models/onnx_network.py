@@ -127,11 +127,23 @@ def _export_in_child(folder: Path, cached: Path) -> bytes:
 
 
 def _run_export(folder: Path, output: Path) -> None:
-    command = [sys.executable, "-m", "models.onnx_export", str(folder), str(output)]
+    command = [
+        sys.executable,
+        "-m",
+        "models.onnx_export",
+        str(folder.resolve()),
+        str(output.resolve()),
+    ]
     log.info("exporting the model to ONNX", extra={"action": "load"})
     try:
+        # Run from the folder that holds this `models` package: `-m` looks first in
+        # the working directory, where another `models` (a folder of artifacts) may be.
         finished = subprocess.run(
-            command, capture_output=True, text=True, timeout=EXPORT_TIMEOUT_SECONDS
+            command,
+            capture_output=True,
+            text=True,
+            timeout=EXPORT_TIMEOUT_SECONDS,
+            cwd=Path(__file__).resolve().parent.parent,
         )
     except subprocess.TimeoutExpired as error:
         raise ExportError(f"exporting the model took over {error.timeout:.0f} s") from error

@@ -861,6 +861,33 @@ def test_a_cpu_predictor_runs_without_importing_torch(tiny_model: Path, tmp_path
     assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
 
 
+def test_the_export_child_runs_this_nodes_code_from_any_working_directory(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """A `models` folder where the node is started (say, one of model artifacts) must
+    not stand in for the node's own package in the export's child process."""
+    decoy = tmp_path / "here" / "models"
+    decoy.mkdir(parents=True)
+    (decoy / "__init__.py").write_text("raise ImportError('the decoy models package')\n")
+    script = tmp_path / "predict.py"  # run as a file: its own imports skip the decoy
+    script.write_text(
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from models.predictor import SlicePredictor\n"
+        "SlicePredictor(Path(sys.argv[1]), 'cpu', onnx_cache=Path(sys.argv[2]))\n"
+        "print('exported')\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, str(script), str(tiny_model), str(tmp_path / "cache")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=decoy.parent,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert ran.stdout == "exported\n"
+
+
 def _at_once(network: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]) -> list[Any]:
     """Each batch's logits, or its error, each from a thread of its own. Daemon
     threads: a call that never returns fails the test instead of hanging it."""
