@@ -65,9 +65,11 @@ def infer_process_count(setting: int | Literal["auto"], cores: int | None = None
     job's steps) beside its forward passes. On the 16-core host of an H200 one
     process classified queued series at 558 slices/s on the GPU, two at 1111 and
     four at 1599 (session 14, README "Infer processes"); on that host's CPU one
-    process reached only 0.38-0.41 of the forward pass alone. Each process holds
-    its own model and torch (~730 MB), so a 2-core server keeps one, within the
-    1.5 GB the node is held to there.
+    process reached only 0.38-0.41 of the forward pass alone. On a 2-core server
+    a second process fits in memory since the CPU path runs without torch (1109
+    MB in all at 600 slices, against 764 with one; session 16), but it classified
+    queued series only 0.93-1.25x as fast as one there (median 1.05; 1.19x in
+    session 14), while a lone series, on one core, takes longer: so it keeps one.
     """
     if setting != "auto":
         return setting
