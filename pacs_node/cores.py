@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_MEMBERSHIP = Path("/proc/self/cgroup")
+CPU_TOPOLOGY = Path("/sys/devices/system/cpu")
 
 
 def usable_cores(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP) -> int:
@@ -33,12 +34,26 @@ def usable_cores(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP)
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
-def forward_threads() -> int:
-    """The threads the forward passes of this host may run: the usable cores, fewer
-    where OMP_NUM_THREADS says so (its first value), as torch's count did."""
-    cores = usable_cores()
+def forward_threads(topology: Path = CPU_TOPOLOGY) -> int:
+    """The threads the forward passes of this host may run: one per physical core
+    this process may run on (hyperthreads of a core share its arithmetic units;
+    torch's and ONNX Runtime's own defaults count so), at most the usable cores,
+    fewer where OMP_NUM_THREADS says so (its first value), as torch's count did."""
+    threads = min(usable_cores(), physical_cores(os.sched_getaffinity(0), topology))
     limit = os.environ.get("OMP_NUM_THREADS", "").split(",")[0].strip()
-    return min(cores, int(limit)) if limit.isdigit() and int(limit) > 0 else cores
+    return min(threads, int(limit)) if limit.isdigit() and int(limit) > 0 else threads
+
+
+def physical_cores(cpus: Iterable[int], topology: Path = CPU_TOPOLOGY) -> int:
+    """How many physical cores the logical `cpus` lie on, by each one's hyperthread
+    siblings in sysfs; a CPU whose siblings cannot be read counts as a core."""
+    cores = set()
+    for cpu in cpus:
+        try:
+            cores.add((topology / f"cpu{cpu}" / "topology" / "thread_siblings_list").read_text())
+        except OSError:
+            cores.add(f"cpu{cpu}")
+    return max(1, len(cores))
 
 
 def cpu_quota(membership: str, root: Path) -> float | None:

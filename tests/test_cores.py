@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from pacs_node import cores
-from pacs_node.cores import cpu_quota, forward_threads, usable_cores
+from pacs_node.cores import cpu_quota, forward_threads, physical_cores, usable_cores
 from tests.peers import REPO
 
 
@@ -129,8 +129,38 @@ def test_forward_threads_are_the_usable_cores_or_fewer_under_omp_num_threads(
     """OMP_NUM_THREADS, the limit torch's thread count followed, still holds now that
     the CPU path runs without torch; a value that is no count is ignored."""
     monkeypatch.setattr(cores, "usable_cores", lambda: 6)
+    monkeypatch.setattr(cores, "physical_cores", lambda cpus, topology: 8)
     if variable is None:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     else:
         monkeypatch.setenv("OMP_NUM_THREADS", variable)
     assert forward_threads() == threads
+
+
+def _topology(root: Path, siblings: dict[int, str]) -> Path:
+    """A fake /sys/devices/system/cpu: each CPU's thread_siblings_list."""
+    for cpu, listed in siblings.items():
+        folder = root / f"cpu{cpu}" / "topology"
+        folder.mkdir(parents=True)
+        (folder / "thread_siblings_list").write_text(listed + "\n")
+    return root
+
+
+def test_hyperthreads_of_one_core_count_once(tmp_path: Path) -> None:
+    topology = _topology(tmp_path, {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3", 4: "4", 5: "5"})
+    assert physical_cores(range(6), topology) == 4
+    assert physical_cores([0, 2], topology) == 1  # an affinity of one core's two threads
+    assert physical_cores([0, 1, 6, 7], topology) == 4  # unreadable ones count alone
+
+
+def test_forward_threads_are_the_physical_cores_at_most_the_usable_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """8 logical CPUs on 4 hyperthreaded cores give 4 threads, as torch counted."""
+    topology = _topology(tmp_path, {cpu: f"{cpu % 4},{cpu % 4 + 4}" for cpu in range(8)})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)))
+    monkeypatch.setattr(cores, "usable_cores", lambda: 8)
+    assert forward_threads(topology) == 4
+    monkeypatch.setattr(cores, "usable_cores", lambda: 3)  # a quota of 3 CPUs
+    assert forward_threads(topology) == 3

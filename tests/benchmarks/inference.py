@@ -54,6 +54,7 @@ from models.artifact import Artifact, load_artifact
 from models.predictor import SlicePredictor, resolve_device
 from models.preprocessing import input_from_dataset
 from pacs_node.config import BUNDLED_MODEL
+from pacs_node.cores import forward_threads
 from pacs_node.inference import (
     SeriesClassifier,
     Slice,
@@ -98,7 +99,7 @@ def node_predictor(
 ) -> SlicePredictor:
     """The node's predictor, with `lanes` or, by default, the node's own choice."""
     chosen = lanes or forward_lane_count("auto", resolve_device(device))
-    return SlicePredictor(model, device, onnx_cache, chosen)
+    return SlicePredictor(model, device, onnx_cache, chosen, threads=forward_threads())
 
 
 def node_model_only(predictor: SlicePredictor, batches: list[np.ndarray]) -> Timing:
@@ -339,7 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         builders = variants(artifact, predictor.device, size, arguments.compile)
         if predictor.lanes > 1:
             builders["node with one lane"] = lambda: (
-                SlicePredictor(model, arguments.device, root / "onnx").predict
+                SlicePredictor(
+                    model, arguments.device, root / "onnx", threads=forward_threads()
+                ).predict
             )
         for name, build in builders.items():
             started = time.perf_counter()
