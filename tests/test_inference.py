@@ -139,9 +139,10 @@ def test_a_node_limited_to_one_thread_keeps_one_lane_of_one_thread(
 
 
 def _host_cores(monkeypatch: pytest.MonkeyPatch, count: int) -> None:
-    """As if this process could use `count` cores (`usable_cores`)."""
+    """As if this process could use `count` cores (`usable_cores`), each a physical one."""
     monkeypatch.setattr(inference, "usable_cores", lambda: count)
     monkeypatch.setattr(cores, "usable_cores", lambda: count)
+    monkeypatch.setattr(cores, "physical_cores", lambda cpus, topology: count)
 
 
 def test_an_infer_process_takes_its_share_of_the_threads_and_the_cores(
