@@ -301,21 +301,23 @@ def test_a_model_whose_reports_would_be_invalid_is_refused_when_the_node_loads_i
         load_classifier(settings)
 
 
-def test_the_infer_stage_on_a_cpu_never_imports_torch(tiny_model: Path) -> None:
-    """A `serve`'s infer process (what it imports, the model it loads, a series it
-    classifies and reports) holds no torch: ~670 MB it does not need on a CPU."""
+def _classified_and_reported_in_a_fresh_process(
+    model: Path, slices: int, before_report: str, after_report: str
+) -> str:
+    """The last line a fresh Python process prints after it loads `model` on the CPU,
+    classifies the first `slices` real slices, runs `before_report`, builds their
+    SR and runs `after_report` (top-level statements)."""
     script = f"""
-import sys
 from pathlib import Path
-import pacs_node.classify, pacs_node.service, pacs_node.stage_process, pacs_node.worker
 from pacs_node.config import InferenceSettings, Settings
 from pacs_node.inference import load_classifier
 from pacs_node.report import ReportingNode, build_report
 from tests.peers import chest_ct
 classifier = load_classifier(
-    Settings(inference=InferenceSettings(model=Path({str(tiny_model)!r}), device="cpu"))
+    Settings(inference=InferenceSettings(model=Path({str(model)!r}), device="cpu"))
 )
-classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:3])
+classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:{slices}])
+{before_report}
 build_report(
     sources=classification.headers,
     result=classification.result,
@@ -323,43 +325,37 @@ build_report(
     revision=1,
     node=ReportingNode(ae_title="TEST"),
 )
-print(sorted({{name.split(".")[0] for name in sys.modules}} & {{"torch", "torchvision", "onnx"}}))
+{after_report}
 """
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split("\n")[-2] == "[]"
+    return done.stdout.splitlines()[-1]
+
+
+def test_the_infer_stage_on_a_cpu_never_imports_torch(tiny_model: Path) -> None:
+    """A `serve`'s infer process (what it imports, the model it loads, a series it
+    classifies and reports) holds no torch: ~670 MB it does not need on a CPU."""
+    last = _classified_and_reported_in_a_fresh_process(
+        tiny_model,
+        slices=3,
+        before_report="import pacs_node.classify, pacs_node.service, pacs_node.stage_process,"
+        " pacs_node.worker",
+        after_report="import sys\n"
+        "print(sorted({name.split('.')[0] for name in sys.modules}"
+        " & {'torch', 'torchvision', 'onnx'}))",
+    )
+    assert last == "[]"
 
 
 def test_highdicom_tables_are_loaded_and_frozen_with_the_model(tiny_model: Path) -> None:
     """The first report reads highdicom's tables of the standard (~200 000 objects);
     loaded after the freeze, every full garbage collection would scan them."""
-    script = f"""
-import gc
-from pathlib import Path
-from pacs_node.config import BUNDLED_MODEL, InferenceSettings, Settings
-from pacs_node.inference import load_classifier
-from pacs_node.report import ReportingNode, build_report
-from tests.peers import chest_ct
-classifier = load_classifier(
-    Settings(inference=InferenceSettings(model=Path({str(tiny_model)!r}), device="cpu"))
-)
-classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:2])
-gc.collect()
-before = len(gc.get_objects())
-build_report(
-    sources=classification.headers,
-    result=classification.result,
-    manifest=classifier.predictor.manifest,
-    revision=1,
-    node=ReportingNode(ae_title="TEST"),
-)
-gc.collect()
-print(len(gc.get_objects()) - before)
-"""
-    done = subprocess.run(
-        [sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300
+    last = _classified_and_reported_in_a_fresh_process(
+        tiny_model,
+        slices=2,
+        before_report="import gc\ngc.collect()\nbefore = len(gc.get_objects())",
+        after_report="gc.collect()\nprint(len(gc.get_objects()) - before)",
     )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert int(done.stdout.split()[-1]) < 5_000
+    assert int(last) < 5_000
