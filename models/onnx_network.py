@@ -133,6 +133,8 @@ def _run_export(folder: Path, output: Path) -> None:
         "models.onnx_export",
         str(folder.resolve()),
         str(output.resolve()),
+        # An export nobody waits for ends with this process (`onnx_export.end_with_parent`).
+        f"--parent={os.getpid()}",
     ]
     log.info("exporting the model to ONNX", extra={"action": "load"})
     try:

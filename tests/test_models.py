@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,6 +57,8 @@ from models.preprocessing import (
 )
 from tests.dicom_data import made_jpeg_lossless, tiny_artifact
 from tests.peers import chest_ct, tool
+from tests.polling import wait_for
+from tests.processes import descendants
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -886,6 +889,63 @@ def test_the_export_child_runs_this_nodes_code_from_any_working_directory(
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
     assert ran.stdout == "exported\n"
+
+
+def _export_child(parent: int) -> int | None:
+    """The export child process of `parent`, if it has one running."""
+    for child in descendants(parent):
+        with contextlib.suppress(FileNotFoundError):  # ended since it was listed
+            if b"models.onnx_export" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+    return None
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` runs: neither gone nor a zombie that nobody has reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
+def _resident_mb(pid: int) -> float:
+    with contextlib.suppress(FileNotFoundError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="the export ends with its parent on Linux")
+@pytest.mark.parametrize("moment", ["as it starts", "once it holds torch"])
+def test_an_export_ends_when_the_process_that_asked_for_it_is_killed(
+    tiny_model: Path, tmp_path: Path, moment: str
+) -> None:
+    """An infer process killed while it loads (a stop during the first start, the
+    OOM killer) must not leave its export child behind, holding torch's ~1 GB for
+    seconds to write a model nobody waits for."""
+    cache = tmp_path / "cache"
+    asking = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from pathlib import Path; from models.predictor import SlicePredictor; "
+            "SlicePredictor(Path(sys.argv[1]), 'cpu', onnx_cache=Path(sys.argv[2]))",
+            str(tiny_model),
+            str(cache),
+        ],
+        cwd=Path(__file__).parent.parent,
+    )
+    try:
+        child = wait_for(lambda: _export_child(asking.pid), 60, "the export child")
+        if moment == "once it holds torch":  # it imports torch once tied to its parent
+            wait_for(lambda: _resident_mb(child) > 300, 60, "the export child to import torch")
+    finally:
+        asking.kill()
+        asking.wait()
+    wait_for(lambda: not _running(child), 30, "the export child to end")
+    assert list(cache.iterdir()) == []  # nothing written, not even a partial file
 
 
 def _at_once(network: Callable[[np.ndarray], np.ndarray], batches: list[np.ndarray]) -> list[Any]:
