@@ -55,6 +55,7 @@ from models.preprocessing import (
     unit_from_dataset,
     window,
 )
+from tests.benchmarks.receivers import resident_mb
 from tests.dicom_data import made_jpeg_lossless, tiny_artifact
 from tests.peers import chest_ct, tool
 from tests.polling import wait_for
@@ -909,14 +910,6 @@ def _running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _resident_mb(pid: int) -> float:
-    with contextlib.suppress(FileNotFoundError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return 0.0
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="the export ends with its parent on Linux")
 @pytest.mark.parametrize("moment", ["as it starts", "once it holds torch"])
 def test_an_export_ends_when_the_process_that_asked_for_it_is_killed(
@@ -940,7 +933,7 @@ def test_an_export_ends_when_the_process_that_asked_for_it_is_killed(
     try:
         child = wait_for(lambda: _export_child(asking.pid), 60, "the export child")
         if moment == "once it holds torch":  # it imports torch once tied to its parent
-            wait_for(lambda: _resident_mb(child) > 300, 60, "the export child to import torch")
+            wait_for(lambda: resident_mb(child) > 300, 60, "the export child to import torch")
     finally:
         asking.kill()
         asking.wait()

@@ -55,8 +55,20 @@ def cpu_seconds(pid: int) -> float:
 
 
 def peak_rss_mb(pid: int) -> float:
+    return _status_mb(pid, "VmHWM")
+
+
+def resident_mb(pid: int) -> float:
+    """The RSS of `pid` now; 0 once it has ended."""
+    with contextlib.suppress(FileNotFoundError):
+        return _status_mb(pid, "VmRSS")
+    return 0.0
+
+
+def _status_mb(pid: int, field: str) -> float:
+    """A size from /proc/PID/status in MB; 0 where it has none (a zombie)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return 0.0
 
@@ -65,6 +77,11 @@ def tree_peak_rss_mb(pid: int) -> float:
     """Peak RSS of a process plus its descendants' (`serve` classifies in a child):
     the sum of the peaks, an upper bound on their peak together."""
     return _over_tree(pid, peak_rss_mb)
+
+
+def tree_resident_mb(pid: int) -> float:
+    """The RSS of a process plus its descendants' now."""
+    return _over_tree(pid, resident_mb)
 
 
 def _over_tree(pid: int, measure: Callable[[int], float]) -> float:
