@@ -77,10 +77,10 @@ class SlicePredictor:
         self.device = resolve_device(device)
         self.network: Network
         if self.device == "cuda":
-            from models.cuda_network import cuda_network
+            from models.torch_network import torch_network
 
             self.lanes = 1
-            self.network = cuda_network(folder)
+            self.network = torch_network(folder, "cuda")
         else:
             self.lanes = lanes
             share = max(1, (threads or len(os.sched_getaffinity(0))) // lanes)

@@ -55,6 +55,7 @@ from models.preprocessing import (
     unit_from_dataset,
     window,
 )
+from models.torch_network import torch_network
 from tests.benchmarks.receivers import resident_mb
 from tests.dicom_data import made_jpeg_lossless, tiny_artifact
 from tests.peers import chest_ct, tool
@@ -838,6 +839,18 @@ def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
     assert restarted.predict(inputs) == pytest.approx(probabilities, abs=1e-6)
     with pytest.raises(ValueError, match=r"expected a \(n, 3, 64, 64\) batch"):
         restarted.predict(np.zeros((1, 3, 32, 32), dtype=np.float32))
+
+
+def test_the_cuda_forward_pass_gives_the_artifacts_logits(tiny_model: Path) -> None:
+    """The node's forward pass on CUDA (`torch_network`), run here on the CPU: numpy
+    in, the eager network's float32 logits out, at any batch size."""
+    inputs = np.random.default_rng(3).standard_normal((3, 3, 64, 64), dtype=np.float32)
+    forward = torch_network(tiny_model, "cpu")
+    logits = np.concatenate([forward(inputs[:1]), forward(inputs[1:])])
+    with torch.inference_mode():
+        expected = load_artifact(tiny_model).build_network()(torch.from_numpy(inputs)).numpy()
+    assert logits.dtype == np.float32
+    assert logits == pytest.approx(expected, abs=1e-5)
 
 
 def test_a_cpu_predictor_runs_without_importing_torch(tiny_model: Path, tmp_path: Path) -> None:
