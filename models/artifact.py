@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 from torch import nn
 
 from models.manifest import (
@@ -28,8 +28,8 @@ from models.manifest import (
     Manifest,
     Preprocessing,
     content_hash,
-    load_manifest,
     manifest_from_document,
+    read_verified,
 )
 from models.network import build_mobilenet_v2
 
@@ -93,10 +93,10 @@ def save_artifact(
 
 def load_artifact(folder: Path) -> Artifact:
     """Load and verify an artifact; `ArtifactError` names what is wrong."""
-    manifest = load_manifest(folder)
+    manifest, weights = read_verified(folder)
     weights_path = folder / manifest.weights_file
     try:
-        state_dict = load_file(str(weights_path))
+        state_dict = load(weights)
     except SafetensorError as error:
         raise ArtifactError(f"model weights {weights_path} cannot be read: {error}") from error
     artifact = Artifact(manifest=manifest, state_dict=state_dict, folder=folder)

@@ -169,6 +169,13 @@ def load_manifest(folder: Path) -> Manifest:
     Everything `models.artifact.load_artifact` checks but whether the weights fit
     the network, which needs torch; `ArtifactError` names what is wrong.
     """
+    return read_verified(folder)[0]
+
+
+def read_verified(folder: Path) -> tuple[Manifest, bytes]:
+    """`load_manifest`, with the weights' bytes it hashed: loading those, not the file
+    again, the network runs the weights the manifest vouches for even if the file is
+    replaced meanwhile."""
     manifest_path = folder / MANIFEST_NAME
     if not folder.is_dir():
         raise ArtifactError(f"model artifact folder {folder} does not exist")
@@ -191,10 +198,11 @@ def load_manifest(folder: Path) -> Manifest:
     weights_path = folder / str(document["weights_file"])
     if weights_path.parent != folder or not weights_path.is_file():
         raise ArtifactError(f"model weights {weights_path} are missing")
-    expected = content_hash(document, weights_path.read_bytes())
+    weights = weights_path.read_bytes()
+    expected = content_hash(document, weights)
     if document["content_hash"] != expected:
         raise ArtifactError(
             f"model artifact {folder} fails its hash check: manifest says "
             f"{document['content_hash']}, content is {expected}"
         )
-    return manifest_from_document(document)
+    return manifest_from_document(document), weights

@@ -73,15 +73,17 @@ class SlicePredictor:
         lanes: int = 1,
         threads: int | None = None,
     ) -> None:
-        self.manifest = load_manifest(folder)
         self.device = resolve_device(device)
         self.network: Network
         if self.device == "cuda":
+            from models.artifact import load_artifact
             from models.torch_network import torch_network
 
-            self.lanes = 1
-            self.network = torch_network(folder, "cuda")
+            artifact = load_artifact(folder)
+            self.manifest, self.lanes = artifact.manifest, 1
+            self.network = torch_network(artifact, "cuda")
         else:
+            self.manifest = load_manifest(folder)
             self.lanes = lanes
             share = max(1, (threads or len(os.sched_getaffinity(0))) // lanes)
             cache = onnx_cache or default_cache()

@@ -6,19 +6,17 @@ CPU, where the node itself uses ONNX Runtime (`models.onnx_network`).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import torch
 
-from models.artifact import load_artifact
+from models.artifact import Artifact
 from models.predictor import Network
 
 
-def torch_network(folder: Path, device: str) -> Network:
-    """Logits (float32, on the host) of the artifact in `folder`'s network on `device`."""
+def torch_network(artifact: Artifact, device: str) -> Network:
+    """Logits (float32, on the host) of `artifact`'s network on `device`."""
     target = torch.device(device)
-    network = load_artifact(folder).build_network().to(target)
+    network = artifact.build_network().to(target)
 
     @torch.inference_mode()
     def forward(batch: np.ndarray) -> np.ndarray:

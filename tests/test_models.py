@@ -39,9 +39,10 @@ from pydicom.uid import (
 )
 
 from models import decoder_guard, jpeg_lossless, onnx_export, onnx_network, preprocessing, resample
+from models import manifest as manifest_module
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
-from models.manifest import content_hash
+from models.manifest import Manifest, content_hash
 from models.network import build_mobilenet_v2
 from models.pixel_layout import JPEG_LOSSLESS, NATIVE
 from models.predictor import SlicePredictor, softmax
@@ -845,10 +846,11 @@ def test_the_cuda_forward_pass_gives_the_artifacts_logits(tiny_model: Path) -> N
     """The node's forward pass on CUDA (`torch_network`), run here on the CPU: numpy
     in, the eager network's float32 logits out, at any batch size."""
     inputs = np.random.default_rng(3).standard_normal((3, 3, 64, 64), dtype=np.float32)
-    forward = torch_network(tiny_model, "cpu")
+    artifact = load_artifact(tiny_model)
+    forward = torch_network(artifact, "cpu")
     logits = np.concatenate([forward(inputs[:1]), forward(inputs[1:])])
     with torch.inference_mode():
-        expected = load_artifact(tiny_model).build_network()(torch.from_numpy(inputs)).numpy()
+        expected = artifact.build_network()(torch.from_numpy(inputs)).numpy()
     assert logits.dtype == np.float32
     assert logits == pytest.approx(expected, abs=1e-5)
 
@@ -1042,6 +1044,30 @@ def test_an_export_that_fails_says_why(tmp_path: Path) -> None:
     (folder / "manifest.json").write_text(json.dumps(document))
     with pytest.raises(onnx_network.ExportError, match="do not fit the network"):
         SlicePredictor(folder, "cpu", onnx_cache=tmp_path / "cache")
+
+
+def test_an_artifact_loads_the_weights_whose_hash_it_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Weights replaced on disk once their hash has been checked are not the ones the
+    network gets: it runs the bytes the manifest vouches for."""
+    folder = tiny_artifact(tmp_path / "model", seed=1)
+    weights = folder / "weights.safetensors"
+    vouched = safetensors.torch.load(weights.read_bytes())  # not mapped: the file changes
+    other = tiny_artifact(tmp_path / "other", seed=2) / "weights.safetensors"
+    read_verified = manifest_module.read_verified
+
+    def replaced_after_the_check(checked: Path) -> tuple[Manifest, bytes]:
+        verified = read_verified(checked)
+        shutil.copyfile(other, weights)
+        return verified
+
+    monkeypatch.setattr("models.artifact.read_verified", replaced_after_the_check)
+    loaded = load_artifact(folder).state_dict
+    on_disk = safetensors.torch.load(weights.read_bytes())
+    assert not all(torch.equal(on_disk[name], vouched[name]) for name in vouched)  # replaced
+    assert loaded.keys() == vouched.keys()
+    assert all(torch.equal(loaded[name], vouched[name]) for name in vouched)
 
 
 def test_tampered_artifacts_are_refused_with_the_reason(tmp_path: Path) -> None:
