@@ -17,6 +17,7 @@ from pacs_node.config import DEFAULT_CONFIG, Settings, load_settings
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.logs import configure_logging, enable_stack_dumps
 from pacs_node.service import STAGES, Node, open_store
+from pacs_node.stage_process import StartCancelledError
 from pacs_node.stop_signals import StopSignals
 from pacs_node.store import Job, JobKind, JobStatus, JobStore
 
@@ -110,10 +111,21 @@ def _serve(settings: Settings, stages: list[str]) -> int:
     node = Node(settings, stages)
     stop_signals = StopSignals([signal.SIGTERM, signal.SIGINT])
     enable_stack_dumps()
-    node.start()
+    received: signal.Signals | None = None
+
+    def stop_asked() -> bool:
+        nonlocal received
+        received = received or stop_signals.wait(0)
+        return received is not None
+
+    try:
+        node.start(cancelled=stop_asked)
+    except StartCancelledError:
+        name = received.name if received else "a stop signal"
+        log.info(f"received {name} while starting; stopped", extra={"action": "stop"})
+        return EXIT_OK
     log.info(f"pacs-node {__version__} ready: {node.describe()}", extra={"action": "ready"})
     try:
-        received = None
         while received is None:
             received = stop_signals.wait()
         log.info(f"received {received.name}, stopping", extra={"action": "stop"})

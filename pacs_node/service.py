@@ -155,10 +155,15 @@ class Node:
         self.receiver: Receiver | None = None
         self.store: JobStore | None = None
 
-    def start(self) -> None:
-        """Start everything, or raise `PacsNodeError` having started nothing."""
+    def start(self, cancelled: Callable[[], bool] = lambda: False) -> None:
+        """Start everything, or raise `PacsNodeError` having started nothing.
+
+        Once `cancelled()` is true, infer processes still loading their model are
+        ended and `StartCancelledError` raised: a stop need not wait for a first
+        start's ONNX export.
+        """
         try:
-            self._start()
+            self._start(cancelled)
         except BaseException:
             self._stop_children()
             if self._listener is not None:
@@ -166,7 +171,7 @@ class Node:
             self._remove_slots_lock_file()
             raise
 
-    def _start(self) -> None:
+    def _start(self, cancelled: Callable[[], bool]) -> None:
         settings = self.settings
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
         # Load the model before opening the port: a node that cannot classify
@@ -182,7 +187,7 @@ class Node:
             self.model = ModelInfo(
                 classifier.predictor.manifest.model_id, classifier.predictor.device
             )
-        self._start_infer_children()
+        self._start_infer_children(cancelled)
         storage = Storage(settings.storage.root, settings.storage.fsync)
         # A transfer stalls at most network_timeout between fragments; a file
         # in incoming/ untouched for much longer has no live writer.
@@ -304,7 +309,7 @@ class Node:
                 id="watch-children",
             )
 
-    def _start_infer_children(self) -> None:
+    def _start_infer_children(self, cancelled: Callable[[], bool]) -> None:
         """The first alone, unless this process loaded the model already: it may
         export the ONNX model that the others then read. Then the others at once."""
         if not self._infer_children:
@@ -322,12 +327,12 @@ class Node:
         ]
         self._children += children
         if not self._infer_here:
-            self.model = children[0].start()
+            self.model = children[0].start(cancelled)
             children = children[1:]
         for child in children:
             child.launch()
         for child in children:
-            self.model = child.wait_until_running() or self.model
+            self.model = child.wait_until_running(cancelled) or self.model
 
     def _start_receiving_children(self) -> None:
         """With dicom.receive_processes above 1: the listening socket, shared with

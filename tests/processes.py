@@ -68,18 +68,9 @@ class NodeProcess:
         ]
 
     def start(self, timeout: float = 60.0) -> NodeProcess:
-        arguments = ["serve"] + (["--stages", self.stages] if self.stages else [])
         # Only this run's lines count: after a restart the log holds earlier ones.
         first_line = len(self.lines)
-        self._process = subprocess.Popen(
-            self.command(*arguments),
-            env=self.environment,
-            cwd=self.storage_root.parent,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        threading.Thread(target=self._collect, args=(self._process,), daemon=True).start()
+        process = self.launch()
         try:
             wait_for(
                 lambda: (
@@ -89,11 +80,25 @@ class NodeProcess:
                 "the node's ready line",
             )
         except AssertionError as error:
-            process, self._process = self._process, None
+            self._process = None
             self._end_stuck(process, f"was not ready in {timeout:.0f} s", error)
         if self._exited():
-            raise AssertionError(f"pacs-node exited with {self._process.returncode}:\n{self.log}")
+            raise AssertionError(f"pacs-node exited with {process.returncode}:\n{self.log}")
         return self
+
+    def launch(self) -> subprocess.Popen[str]:
+        """Start `serve` without waiting for its ready line (`start` waits)."""
+        arguments = ["serve"] + (["--stages", self.stages] if self.stages else [])
+        process = self._process = subprocess.Popen(
+            self.command(*arguments),
+            env=self.environment,
+            cwd=self.storage_root.parent,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        threading.Thread(target=self._collect, args=(process,), daemon=True).start()
+        return process
 
     def run(self, *arguments: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         """Another `pacs-node` command with the same settings (jobs, classify, db)."""
@@ -265,6 +270,24 @@ def descendants(pid: int) -> list[int]:
         for child in children:
             found += [int(child), *descendants(int(child))]
     return found
+
+
+def export_child(parent: int) -> int | None:
+    """The ONNX export process (`models.onnx_export`) under `parent`, if one runs."""
+    for child in descendants(parent):
+        with contextlib.suppress(FileNotFoundError):  # ended since it was listed
+            if b"models.onnx_export" in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+    return None
+
+
+def running(pid: int) -> bool:
+    """Whether `pid` runs: neither gone nor a zombie that nobody has reaped yet."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
 
 
 def echo(port: int, ae_title: str) -> bool:

@@ -22,7 +22,7 @@ from pacs_node.stage_process import (
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
-from tests.processes import NodeProcess, descendants, storescu
+from tests.processes import NodeProcess, descendants, export_child, running, storescu
 
 
 def infer_children(pid: int) -> list[int]:
@@ -194,6 +194,28 @@ def test_a_node_stopped_while_it_restarts_a_child_does_not_wait_for_the_child_to
         assert node.stop() == 0
     # Only the child that ran says it stopped: the new one was ended while it loaded.
     assert sum("pacs-node stopped: stages infer" in line for line in node.lines) == 1
+
+
+def test_a_node_stopped_during_its_first_start_does_not_wait_for_the_model_export(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """A stop while the first start exports the model to ONNX ends the start at once:
+    the infer process and its export child end, no export is written, and the node
+    says it stopped while starting. Before, it exported, said ready, then stopped."""
+    cache = tmp_path / "cache"  # empty: the infer process must export the model
+    node = NodeProcess(tmp_path / "node", tiny_model, settings={"XDG_CACHE_HOME": str(cache)})
+    node.launch()
+    try:
+        export = wait_for(lambda: export_child(node.pid), 60, "the export child")
+        children = [*descendants(node.pid)]
+    finally:
+        code = node.stop()
+    assert code == 0
+    assert node.has_logged("received SIGTERM while starting; stopped")
+    assert not node.has_logged(" ready: ")
+    wait_for(lambda: not any(map(running, children)), 10, "the node's processes to end")
+    assert not running(export)
+    assert list(cache.rglob("*.onnx")) == []
 
 
 def test_an_infer_only_serve_is_the_first_of_its_infer_processes(

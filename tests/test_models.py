@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -61,7 +60,7 @@ from tests.benchmarks.receivers import resident_mb
 from tests.dicom_data import made_jpeg_lossless, tiny_artifact
 from tests.peers import chest_ct, tool
 from tests.polling import wait_for
-from tests.processes import descendants
+from tests.processes import export_child, running
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -907,24 +906,6 @@ def test_the_export_child_runs_this_nodes_code_from_any_working_directory(
     assert ran.stdout == "exported\n"
 
 
-def _export_child(parent: int) -> int | None:
-    """The export child process of `parent`, if it has one running."""
-    for child in descendants(parent):
-        with contextlib.suppress(FileNotFoundError):  # ended since it was listed
-            if b"models.onnx_export" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return child
-    return None
-
-
-def _running(pid: int) -> bool:
-    """Whether `pid` runs: neither gone nor a zombie that nobody has reaped yet."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return False
-    return state not in ("Z", "X")
-
-
 @pytest.mark.skipif(sys.platform != "linux", reason="the export ends with its parent on Linux")
 @pytest.mark.parametrize("moment", ["as it starts", "once it holds torch"])
 def test_an_export_ends_when_the_process_that_asked_for_it_is_killed(
@@ -946,13 +927,13 @@ def test_an_export_ends_when_the_process_that_asked_for_it_is_killed(
         cwd=Path(__file__).parent.parent,
     )
     try:
-        child = wait_for(lambda: _export_child(asking.pid), 60, "the export child")
+        child = wait_for(lambda: export_child(asking.pid), 60, "the export child")
         if moment == "once it holds torch":  # it imports torch once tied to its parent
             wait_for(lambda: resident_mb(child) > 300, 60, "the export child to import torch")
     finally:
         asking.kill()
         asking.wait()
-    wait_for(lambda: not _running(child), 30, "the export child to end")
+    wait_for(lambda: not running(child), 30, "the export child to end")
     assert list(cache.iterdir()) == []  # nothing written, not even a partial file
 
 
