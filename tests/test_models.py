@@ -879,6 +879,37 @@ def test_a_cpu_predictor_runs_without_importing_torch(tiny_model: Path, tmp_path
     assert len(list((tmp_path / "cache").glob("*.onnx"))) == 1
 
 
+def test_onnx_runtime_collects_no_telemetry(tiny_model: Path, tmp_path: Path) -> None:
+    """ONNX Runtime's official builds collect usage telemetry for Microsoft by default,
+    on Linux too since 1.29: a device id and queued events under the user's cache,
+    uploaded once the host reaches Microsoft. A process that exports and runs the
+    model, as the node does, must leave none."""
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    home.mkdir()
+    cache.mkdir()
+    environment = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(cache)}
+    environment.pop("ORT_DISABLE_TELEMETRY", None)  # the node's code must set it
+    script = (
+        "import sys\n"
+        "import numpy as np\n"
+        "from pathlib import Path\n"
+        "from models.predictor import SlicePredictor\n"
+        "predictor = SlicePredictor(Path(sys.argv[1]), 'cpu', onnx_cache=Path(sys.argv[2]))\n"
+        "predictor.predict(np.zeros((1, 3, 64, 64), np.float32))\n"
+    )
+    ran = subprocess.run(
+        [sys.executable, "-c", script, str(tiny_model), str(tmp_path / "onnx")],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=Path(__file__).parent.parent,
+    )
+    assert ran.returncode == 0, ran.stderr[-2000:]
+    assert len(list((tmp_path / "onnx").glob("*.onnx"))) == 1  # it did export and run
+    assert [*home.rglob("Microsoft"), *cache.rglob("Microsoft")] == []
+
+
 def test_the_export_child_runs_this_nodes_code_from_any_working_directory(
     tiny_model: Path, tmp_path: Path
 ) -> None:
