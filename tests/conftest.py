@@ -12,6 +12,15 @@ from tests.dicom_data import tiny_artifact
 from tests.postgres_server import postgres_server, postgres_url  # noqa: F401 (fixtures)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _cache_of_this_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The user's cache stays as it was: the nodes the tests start export their test
+    models (~9 MB each) into a cache of this run instead, shared by its tests."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight artifact built with the same code as a trained one."""
