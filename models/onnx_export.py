@@ -5,10 +5,11 @@
 `models.onnx_network` runs this as a child process, so that the processes
 that classify on a CPU never import torch. With `--parent`, the export ends
 when that process does (killed while it started, say), instead of holding
-torch's ~1 GB for seconds to write a model nobody waits for. The export is checked against the
-artifact's own network on the probe input; the model written to OUTPUT
-(replaced whole, never left half-written) carries the artifact's content hash
-and those logits in its metadata, for every later start to check the model by.
+torch's ~1 GB for seconds to write a model nobody waits for. The export is
+checked against the artifact's own network on the probe input; the model
+written to OUTPUT (replaced whole, never left half-written) carries the
+artifact's content hash and those logits in its metadata, for every later
+start to check the model by.
 On failure the last line on stderr says why, and the exit code is 1.
 """
 
