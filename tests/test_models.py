@@ -854,21 +854,31 @@ def test_the_cuda_forward_pass_gives_the_artifacts_logits(tiny_model: Path) -> N
     assert logits == pytest.approx(expected, abs=1e-5)
 
 
+# A fresh process that loads the artifact argv[1] on device argv[3] with the export
+# cache argv[2], predicts one blank slice, and prints the device, the shape of the
+# prediction and which of torch, torchvision and onnx it imported.
+_PREDICTING = (
+    "import sys\n"
+    "import numpy as np\n"
+    "from pathlib import Path\n"
+    "from models.predictor import SlicePredictor\n"
+    "predictor = SlicePredictor(Path(sys.argv[1]), sys.argv[3], onnx_cache=Path(sys.argv[2]))\n"
+    "print(predictor.device, predictor.predict(np.zeros((1, 3, 64, 64), np.float32)).shape)\n"
+    "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'onnx'}))\n"
+)
+
+
+def _predicting(model: Path, cache: Path, device: str = "cpu") -> list[str]:
+    """The command of a `_PREDICTING` process."""
+    return [sys.executable, "-c", _PREDICTING, str(model), str(cache), device]
+
+
 def test_a_cpu_predictor_runs_without_importing_torch(tiny_model: Path, tmp_path: Path) -> None:
     """torch (~670 MB) stays out of a process that classifies on a CPU, even one that
     has to export the model first: the export runs in a child process."""
-    script = (
-        "import sys\n"
-        "import numpy as np\n"
-        "from pathlib import Path\n"
-        "from models.predictor import SlicePredictor\n"
-        "predictor = SlicePredictor(Path(sys.argv[1]), 'auto', onnx_cache=Path(sys.argv[2]))\n"
-        "print(predictor.device, predictor.predict(np.zeros((1, 3, 64, 64), np.float32)).shape)\n"
-        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'torchvision', 'onnx'}))\n"
-    )
     for run in ("exports", "reads the cache"):
         ran = subprocess.run(
-            [sys.executable, "-c", script, str(tiny_model), str(tmp_path / "cache")],
+            _predicting(tiny_model, tmp_path / "cache", "auto"),
             capture_output=True,
             text=True,
             timeout=300,
@@ -889,16 +899,8 @@ def test_onnx_runtime_collects_no_telemetry(tiny_model: Path, tmp_path: Path) ->
     cache.mkdir()
     environment = {**os.environ, "HOME": str(home), "XDG_CACHE_HOME": str(cache)}
     environment.pop("ORT_DISABLE_TELEMETRY", None)  # the node's code must set it
-    script = (
-        "import sys\n"
-        "import numpy as np\n"
-        "from pathlib import Path\n"
-        "from models.predictor import SlicePredictor\n"
-        "predictor = SlicePredictor(Path(sys.argv[1]), 'cpu', onnx_cache=Path(sys.argv[2]))\n"
-        "predictor.predict(np.zeros((1, 3, 64, 64), np.float32))\n"
-    )
     ran = subprocess.run(
-        [sys.executable, "-c", script, str(tiny_model), str(tmp_path / "onnx")],
+        _predicting(tiny_model, tmp_path / "onnx"),
         env=environment,
         capture_output=True,
         text=True,
@@ -919,22 +921,16 @@ def test_the_export_child_runs_this_nodes_code_from_any_working_directory(
     decoy.mkdir(parents=True)
     (decoy / "__init__.py").write_text("raise ImportError('the decoy models package')\n")
     script = tmp_path / "predict.py"  # run as a file: its own imports skip the decoy
-    script.write_text(
-        "import sys\n"
-        "from pathlib import Path\n"
-        "from models.predictor import SlicePredictor\n"
-        "SlicePredictor(Path(sys.argv[1]), 'cpu', onnx_cache=Path(sys.argv[2]))\n"
-        "print('exported')\n"
-    )
+    script.write_text(_PREDICTING)
     ran = subprocess.run(
-        [sys.executable, str(script), str(tiny_model), str(tmp_path / "cache")],
+        [sys.executable, str(script), str(tiny_model), str(tmp_path / "cache"), "cpu"],
         capture_output=True,
         text=True,
         timeout=300,
         cwd=decoy.parent,
     )
     assert ran.returncode == 0, ran.stderr[-2000:]
-    assert ran.stdout == "exported\n"
+    assert ran.stdout.splitlines()[0] == "cpu (1, 3)"
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="the export ends with its parent on Linux")
@@ -946,17 +942,7 @@ def test_an_export_ends_when_the_process_that_asked_for_it_is_killed(
     OOM killer) must not leave its export child behind, holding torch's ~1 GB for
     seconds to write a model nobody waits for."""
     cache = tmp_path / "cache"
-    asking = subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            "import sys; from pathlib import Path; from models.predictor import SlicePredictor; "
-            "SlicePredictor(Path(sys.argv[1]), 'cpu', onnx_cache=Path(sys.argv[2]))",
-            str(tiny_model),
-            str(cache),
-        ],
-        cwd=Path(__file__).parent.parent,
-    )
+    asking = subprocess.Popen(_predicting(tiny_model, cache), cwd=Path(__file__).parent.parent)
     try:
         child = wait_for(lambda: export_child(asking.pid), 60, "the export child")
         if moment == "once it holds torch":  # it imports torch once tied to its parent
