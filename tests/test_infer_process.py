@@ -39,15 +39,6 @@ def nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is gone too: it only waits for its parent to read its status.
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-
-
 def classified(node: NodeProcess) -> int:
     return sum("series classified" in line for line in list(node.lines))
 
@@ -80,7 +71,7 @@ def test_the_child_stops_when_its_parent_is_killed(tmp_path: Path, tiny_model: P
     node = NodeProcess(tmp_path / "node", tiny_model).start()
     (infer,) = infer_children(node.pid)
     node.stop(signal.SIGKILL)
-    wait_for(lambda: not alive(infer), 30, "the orphaned infer process to stop")
+    wait_for(lambda: not running(infer), 30, "the orphaned infer process to stop")
 
 
 def stacks_waiting_to_stop(node: NodeProcess) -> int:
@@ -179,7 +170,7 @@ def test_a_starting_child_is_ended_at_once_when_its_parent_stops(
     # Asked at once: the child is still loading torch and its model.
     with pytest.raises(StartCancelledError):
         child.wait_until_running(cancelled=lambda: True)
-    assert not alive(pid)
+    assert not running(pid)
 
 
 def test_a_node_stopped_while_it_restarts_a_child_does_not_wait_for_the_child_to_load(
