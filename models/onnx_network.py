@@ -13,11 +13,15 @@ it runs in a child process (`models.onnx_export`), and the exported model is
 cached, keyed by the artifact's content hash and the exporter's versions.
 The export records the artifact's own logits on a fixed probe input in the
 model's metadata; at every start the session must reproduce them, so a cached
-model that disagrees (damaged, replaced) is exported again.
+model that disagrees (damaged, replaced) is exported again. Each start that
+reads an export marks it used; each export removes the ones that no start has
+used for `UNUSED_EXPORT_DAYS`, so that a node updated for years does not keep
+every model and package version it ever ran (~9 MB each for the bundled model).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +30,7 @@ import queue
 import subprocess
 import sys
 import tempfile
+import time
 from importlib.metadata import version
 from pathlib import Path
 
@@ -51,6 +56,9 @@ PROBE_LOGITS_KEY = "pacs_node.probe_logits"
 UNREADABLE_MODEL = (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf)
 # An export takes ~6 s plus torch's import; this bounds a child that hangs.
 EXPORT_TIMEOUT_SECONDS = 600
+# An export no start has read for this long is removed from the cache by the next
+# export: it costs its ~9 MB until then, and at worst an export again afterwards.
+UNUSED_EXPORT_DAYS = 30
 
 
 class ExportError(RuntimeError):
@@ -91,10 +99,15 @@ def onnx_network(
     the export fails or disagrees with the artifact.
     """
     cached = cached_model_path(manifest, cache)
-    if cached.is_file():
+    try:
+        model = cached.read_bytes()
+    except OSError:  # never exported, removed as unused, or not readable: export it
+        pass
+    else:
         try:
-            network = OnnxNetwork(cached.read_bytes(), threads, lanes)
+            network = OnnxNetwork(model, threads, lanes)
             if network.reproduces_probe(manifest):
+                _mark_used(cached)
                 return network
         except UNREADABLE_MODEL:  # damaged beyond loading: the same remedy
             pass
@@ -118,12 +131,44 @@ def _export_in_child(folder: Path, cached: Path) -> bytes:
         writable = False
     if writable:
         _run_export(folder, cached)
+        _remove_unused_exports(cached.parent, time.time())
         return cached.read_bytes()
     log.warning("ONNX export cache not writable", extra={"reason": str(cached.parent)})
     with tempfile.TemporaryDirectory(prefix="pacs-node-onnx-") as scratch:
         output = Path(scratch) / cached.name
         _run_export(folder, output)
         return output.read_bytes()
+
+
+def _mark_used(cached: Path) -> None:
+    """Set the export's modification time to now: the time it was last used."""
+    with contextlib.suppress(OSError):  # a read-only cache keeps everything anyway
+        os.utime(cached)
+
+
+def _remove_unused_exports(cache: Path, now: float) -> None:
+    """Remove from `cache` the exports not used for `UNUSED_EXPORT_DAYS`, and the
+    partial files of exports killed while writing (older than any export may run).
+    Other files are left alone."""
+    removed: list[Path] = []
+    for path in cache.iterdir():
+        if path.name.endswith(".partial") and path.name.startswith("."):
+            oldest = now - EXPORT_TIMEOUT_SECONDS
+        elif path.suffix == ".onnx":
+            oldest = now - UNUSED_EXPORT_DAYS * 86400
+        else:
+            continue
+        try:
+            if path.stat().st_mtime < oldest:
+                path.unlink()
+                removed.append(path)
+        except OSError:  # removed by another process first, or not ours to remove
+            pass
+    if removed:
+        log.info(
+            "removed unused files from the ONNX export cache",
+            extra={"action": "load", "reason": ", ".join(path.name for path in removed)},
+        )
 
 
 def _run_export(folder: Path, output: Path) -> None:

@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -1020,6 +1021,38 @@ def test_a_cached_export_that_disagrees_with_the_artifact_is_exported_again(
         predictor = SlicePredictor(folder, "cpu", onnx_cache=cache)
     assert "disagrees with the artifact" in caplog.text
     assert predictor.predict(inputs) == pytest.approx(eager, abs=1e-5)
+
+
+def test_an_export_removes_the_exports_no_start_has_used_for_30_days(
+    tiny_model: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A node updated for years must not keep every export it ever made: exports
+    unused for 30 days go when another is made, with partial files of exports killed
+    while writing; an export read at a start counts as used, whatever its age."""
+    cache = tmp_path / "cache"
+    SlicePredictor(tiny_model, "cpu", onnx_cache=cache)
+    (in_use,) = cache.glob("*.onnx")
+    day, now = 86400, time.time()
+    ages = {
+        in_use.name: 40 * day,
+        "unused.onnx": 31 * day,
+        "recent.onnx": 29 * day,
+        ".gone.onnx.x1.partial": 11 * 60,
+        ".writing.onnx.x2.partial": 60,
+        "not-an-export.txt": 400 * day,
+    }
+    for name, age in ages.items():
+        (cache / name).touch()
+        os.utime(cache / name, (now - age, now - age))
+    SlicePredictor(tiny_model, "cpu", onnx_cache=cache)  # a start that reads it
+    assert in_use.stat().st_mtime > now - 60
+
+    with caplog.at_level(logging.INFO, logger="models.onnx_network"):
+        SlicePredictor(tiny_artifact(tmp_path / "next", seed=4), "cpu", onnx_cache=cache)
+    kept = {path.name for path in cache.iterdir()} - {in_use.name}
+    assert len(kept) == 4  # the new export and three files
+    assert {"recent.onnx", ".writing.onnx.x2.partial", "not-an-export.txt"} < kept
+    assert "removed unused files from the ONNX export cache" in caplog.text
 
 
 def test_unwritable_export_cache_only_costs_the_export(tiny_model: Path, tmp_path: Path) -> None:
