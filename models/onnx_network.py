@@ -31,6 +31,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
@@ -56,6 +57,8 @@ PROBE_LOGITS_KEY = "pacs_node.probe_logits"
 UNREADABLE_MODEL = (Fail, InvalidArgument, InvalidGraph, InvalidProtobuf)
 # An export takes ~6 s plus torch's import; this bounds a child that hangs.
 EXPORT_TIMEOUT_SECONDS = 600
+# How often a running export asks whether it is still wanted.
+CANCEL_POLL_SECONDS = 0.1
 # An export no start has read for this long is removed from the cache by the next
 # export: it costs its ~9 MB until then, and at worst an export again afterwards.
 UNUSED_EXPORT_DAYS = 30
@@ -63,6 +66,10 @@ UNUSED_EXPORT_DAYS = 30
 
 class ExportError(RuntimeError):
     """The artifact could not be exported to ONNX, or its export disagrees with it."""
+
+
+class ExportCancelledError(Exception):
+    """The export was ended unfinished: the process that needed it is stopping."""
 
 
 def default_cache() -> Path:
@@ -90,13 +97,19 @@ def cached_model_path(manifest: Manifest, cache: Path) -> Path:
 
 
 def onnx_network(
-    folder: Path, manifest: Manifest, cache: Path, threads: int, lanes: int = 1
+    folder: Path,
+    manifest: Manifest,
+    cache: Path,
+    threads: int,
+    lanes: int = 1,
+    cancelled: Callable[[], bool] = lambda: False,
 ) -> OnnxNetwork:
     """The network of the artifact in `folder` on ONNX Runtime: `lanes` sessions of
     `threads` threads each (`OnnxNetwork`), from `cache` when it was exported before.
 
     An unwritable cache only costs the export at every start. `ExportError` when
-    the export fails or disagrees with the artifact.
+    the export fails or disagrees with the artifact; `ExportCancelledError`, the
+    export ended, once `cancelled()` is true while it runs.
     """
     cached = cached_model_path(manifest, cache)
     try:
@@ -115,13 +128,13 @@ def onnx_network(
             "cached ONNX model disagrees with the artifact; exporting it again",
             extra={"action": "load"},
         )
-    network = OnnxNetwork(_export_in_child(folder, cached), threads, lanes)
+    network = OnnxNetwork(_export_in_child(folder, cached, cancelled), threads, lanes)
     if not network.reproduces_probe(manifest):
         raise ExportError("the ONNX export disagrees with the artifact's network")
     return network
 
 
-def _export_in_child(folder: Path, cached: Path) -> bytes:
+def _export_in_child(folder: Path, cached: Path, cancelled: Callable[[], bool]) -> bytes:
     """The artifact's export, made by `models.onnx_export` in a child process and
     left at `cached` (or only in a temporary folder, where the cache is unwritable)."""
     try:
@@ -130,13 +143,13 @@ def _export_in_child(folder: Path, cached: Path) -> bytes:
     except OSError:
         writable = False
     if writable:
-        _run_export(folder, cached)
+        _run_export(folder, cached, cancelled)
         _remove_unused_exports(cached.parent, time.time())
         return cached.read_bytes()
     log.warning("ONNX export cache not writable", extra={"reason": str(cached.parent)})
     with tempfile.TemporaryDirectory(prefix="pacs-node-onnx-") as scratch:
         output = Path(scratch) / cached.name
-        _run_export(folder, output)
+        _run_export(folder, output, cancelled)
         return output.read_bytes()
 
 
@@ -171,7 +184,7 @@ def _remove_unused_exports(cache: Path, now: float) -> None:
         )
 
 
-def _run_export(folder: Path, output: Path) -> None:
+def _run_export(folder: Path, output: Path, cancelled: Callable[[], bool]) -> None:
     command = [
         sys.executable,
         "-m",
@@ -182,21 +195,40 @@ def _run_export(folder: Path, output: Path) -> None:
         f"--parent={os.getpid()}",
     ]
     log.info("exporting the model to ONNX", extra={"action": "load"})
-    try:
-        # Run from the folder that holds this `models` package: `-m` looks first in
-        # the working directory, where another `models` (a folder of artifacts) may be.
-        finished = subprocess.run(
-            command,
-            capture_output=True,
-            text=True,
-            timeout=EXPORT_TIMEOUT_SECONDS,
-            cwd=Path(__file__).resolve().parent.parent,
-        )
-    except subprocess.TimeoutExpired as error:
-        raise ExportError(f"exporting the model took over {error.timeout:.0f} s") from error
-    if finished.returncode != 0:
-        lines = finished.stderr.strip().splitlines() or [f"exit code {finished.returncode}"]
+    deadline = time.monotonic() + EXPORT_TIMEOUT_SECONDS
+    # Run from the folder that holds this `models` package: `-m` looks first in the
+    # working directory, where another `models` (a folder of artifacts) may be.
+    with subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+    ) as exporting:
+        try:
+            errors = _errors_once_ended(exporting, deadline, cancelled)
+        except BaseException:
+            exporting.kill()  # nobody waits for its model any more
+            raise
+    if exporting.returncode != 0:
+        lines = errors.strip().splitlines() or [f"exit code {exporting.returncode}"]
         raise ExportError(f"exporting the model failed: {lines[-1]}")
+
+
+def _errors_once_ended(
+    exporting: subprocess.Popen[str], deadline: float, cancelled: Callable[[], bool]
+) -> str:
+    """What the export wrote on stderr, once it has ended by itself."""
+    while True:
+        try:
+            return exporting.communicate(timeout=CANCEL_POLL_SECONDS)[1]
+        except subprocess.TimeoutExpired:
+            if cancelled():
+                raise ExportCancelledError("the model's export was ended unfinished") from None
+            if time.monotonic() > deadline:
+                raise ExportError(
+                    f"exporting the model took over {EXPORT_TIMEOUT_SECONDS} s"
+                ) from None
 
 
 class OnnxNetwork:
@@ -206,7 +238,7 @@ class OnnxNetwork:
     run at once, each on its own session; a call finding none free waits for one.
     Several small sessions can beat one wide one: on 2 cores, two sessions of one
     thread, each running a batch, did 1.11-1.31x the slices/s of one session of two
-    threads (README, "Forward lanes").
+    threads (tests/benchmarks/README.md, "Forward lanes").
     """
 
     def __init__(self, model: bytes, threads: int, lanes: int = 1) -> None:

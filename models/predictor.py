@@ -62,7 +62,8 @@ class SlicePredictor:
     (`models.onnx_network`), in `lanes` sessions that share `threads` threads (by
     default one per core this process may run on): `in_flight` keeps that many
     batches running at once. On CUDA there is one lane. `onnx_cache` keeps the
-    exported model between starts (default: `default_cache()`).
+    exported model between starts (default: `default_cache()`); an export still
+    running once `cancelled()` is true is ended (`ExportCancelledError`).
     """
 
     def __init__(
@@ -72,6 +73,7 @@ class SlicePredictor:
         onnx_cache: Path | None = None,
         lanes: int = 1,
         threads: int | None = None,
+        cancelled: Callable[[], bool] = lambda: False,
     ) -> None:
         self.device = resolve_device(device)
         self.network: Network
@@ -87,7 +89,7 @@ class SlicePredictor:
             self.lanes = lanes
             share = max(1, (threads or len(os.sched_getaffinity(0))) // lanes)
             cache = onnx_cache or default_cache()
-            self.network = onnx_network(folder, self.manifest, cache, share, lanes)
+            self.network = onnx_network(folder, self.manifest, cache, share, lanes, cancelled)
 
     def predict(self, batch: np.ndarray) -> np.ndarray:
         """(n, 3, S, S) normalised float32 inputs -> (n, classes) probabilities (float64)."""

@@ -189,8 +189,11 @@ def _without_garbage_collection() -> Iterator[None]:
             gc.enable()
 
 
-def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
-    """The configured model artifact, verified, on the configured device.
+def load_classifier(
+    settings: Settings, processes: int = 1, cancelled: Callable[[], bool] = lambda: False
+) -> SeriesClassifier:
+    """The configured model artifact, verified, on the configured device; a first
+    start's ONNX export is ended once `cancelled()` is true (`ExportCancelledError`).
 
     `processes`: how many infer processes share this host's cores (inference.processes).
     This process then takes its share of the threads the forward passes may run
@@ -203,7 +206,9 @@ def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
     try:
         device = resolve_device(settings.inference.device)
         lanes = forward_lane_count(settings.inference.forward_lanes, device, threads)
-        predictor = SlicePredictor(settings.inference.model, device, lanes=lanes, threads=threads)
+        predictor = SlicePredictor(
+            settings.inference.model, device, lanes=lanes, threads=threads, cancelled=cancelled
+        )
     except (ArtifactError, ExportError) as error:
         raise ConfigurationError(f"inference.model: {error}") from error
     except RuntimeError as error:
@@ -221,11 +226,12 @@ def load_classifier(settings: Settings, processes: int = 1) -> SeriesClassifier:
 def decode_thread_count(
     setting: int | Literal["auto"], device: str, cores: int | None = None
 ) -> int:
-    """inference.decode_threads; "auto" as measured on a 16-core host (README,
-    session 12). On a CPU the forward pass takes most cores: JPEG Lossless went
-    from 362 slices/s with 2 threads to 590 with 4, and no further with 8. With
-    CUDA the host decodes for the GPU: 561 with 4, 804 with 8, 638 with 16
-    (session 11). Uncompressed slices gained little from more than 2 either way.
+    """inference.decode_threads; "auto" as measured on a 16-core host
+    (tests/benchmarks/README.md, session 12). On a CPU the forward pass takes most
+    cores: JPEG Lossless went from 362 slices/s with 2 threads to 590 with 4, and no
+    further with 8. With CUDA the host decodes for the GPU: 561 with 4, 804 with 8,
+    638 with 16 (session 11). Uncompressed slices gained little from more than 2
+    either way.
     """
     if setting != "auto":
         return setting
@@ -244,7 +250,8 @@ def forward_lane_count(
     limit still holds.
 
     On the 2-core VM (session 13) two sessions of one thread ran the bundled model
-    at 1.11-1.31x one session of two threads (README, "Forward lanes"). On a 16-core
+    at 1.11-1.31x one session of two threads (tests/benchmarks/README.md,
+    "Forward lanes"). On a 16-core
     host (session 14) two lanes of 8 threads ran 1.79x one of 16, and 4 or 8 lanes
     no more than the rounds' spread beyond that (1.90x). With CUDA the GPU runs one
     batch at a time.

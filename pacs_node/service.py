@@ -158,9 +158,9 @@ class Node:
     def start(self, cancelled: Callable[[], bool] = lambda: False) -> None:
         """Start everything, or raise `PacsNodeError` having started nothing.
 
-        Once `cancelled()` is true, infer processes still loading their model are
-        ended and `StartCancelledError` raised: a stop need not wait for a first
-        start's ONNX export.
+        Once `cancelled()` is true, infer processes still loading their model, and
+        this process's own ONNX export if it runs one, are ended and
+        `StartCancelledError` raised: a stop need not wait for a first start's export.
         """
         try:
             self._start(cancelled)
@@ -180,10 +180,14 @@ class Node:
         # which receive- and send-only processes never need.
         classifier = None
         if self._infer_here:
+            from models.onnx_network import ExportCancelledError
             from pacs_node.inference import load_classifier
             from pacs_node.worker import InferenceStage
 
-            classifier = load_classifier(settings, self._infer_processes)
+            try:
+                classifier = load_classifier(settings, self._infer_processes, cancelled)
+            except ExportCancelledError as error:
+                raise StartCancelledError("stopped while exporting the model") from error
             self.model = ModelInfo(
                 classifier.predictor.manifest.model_id, classifier.predictor.device
             )

@@ -187,14 +187,18 @@ def test_a_node_stopped_while_it_restarts_a_child_does_not_wait_for_the_child_to
     assert sum("pacs-node stopped: stages infer" in line for line in node.lines) == 1
 
 
+@pytest.mark.parametrize("stages", [None, "infer"], ids=["in an infer process", "in serve"])
 def test_a_node_stopped_during_its_first_start_does_not_wait_for_the_model_export(
-    tmp_path: Path, tiny_model: Path
+    tmp_path: Path, tiny_model: Path, stages: str | None
 ) -> None:
     """A stop while the first start exports the model to ONNX ends the start at once:
     the infer process and its export child end, no export is written, and the node
-    says it stopped while starting. Before, it exported, said ready, then stopped."""
+    says it stopped while starting. Before, it exported, said ready, then stopped.
+    A `serve` that receives exports in its infer process; one that does not, itself."""
     cache = tmp_path / "cache"  # empty: the infer process must export the model
-    node = NodeProcess(tmp_path / "node", tiny_model, settings={"XDG_CACHE_HOME": str(cache)})
+    node = NodeProcess(
+        tmp_path / "node", tiny_model, stages=stages, settings={"XDG_CACHE_HOME": str(cache)}
+    )
     node.launch()
     try:
         export = wait_for(lambda: export_child(node.pid), 60, "the export child")

@@ -832,7 +832,7 @@ def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
     assert probabilities == pytest.approx(eager, abs=1e-5)
     assert (probabilities.argmax(axis=1) == eager.argmax(axis=1)).all()
 
-    def no_export(folder: Path, output: Path) -> None:
+    def no_export(folder: Path, output: Path, cancelled: Callable[[], bool]) -> None:
         raise AssertionError("exported again despite the cache")
 
     monkeypatch.setattr(onnx_network, "_run_export", no_export)
