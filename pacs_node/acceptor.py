@@ -3,7 +3,7 @@
 Why not pynetdicom's AE server: it runs two threads per association that poll
 queues every millisecond and reads PDUs 4 KiB at a time; at half a megabyte
 per CT slice that costs about 3 ms of CPU per instance, more than the node's
-whole durable write (measured, see the README). Here one thread serves one
+whole durable write (measured: tests/benchmarks/README.md). Here one thread serves one
 association with blocking reads, and a data set's fragments go from the socket
 straight into the service's file, never held whole in memory.
 

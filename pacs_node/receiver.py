@@ -429,7 +429,7 @@ class _InstanceSink:
             return self._failed(self.error)
         # This thread syncs the file, which lets go of the GIL at once, while
         # another reads its header: neither waits for the other to start
-        # (ingest 1.15x syncing on another thread and parsing here: README).
+        # (ingest 1.15x syncing on another thread and parsing here: tests/benchmarks/README.md).
         reading = self.receiver.read_received(
             self.file.path, self.file.size, self.request.transfer_syntax_uid
         )

@@ -64,7 +64,7 @@ def infer_process_count(setting: int | Literal["auto"], cores: int | None = None
     One process's series takes ~0.2 s of serial work on one core (the SR, the
     job's steps) beside its forward passes. On the 16-core host of an H200 one
     process classified queued series at 558 slices/s on the GPU, two at 1111 and
-    four at 1599 (session 14, README "Infer processes"); on that host's CPU one
+    four at 1599 (session 14, tests/benchmarks/README.md); on that host's CPU one
     process reached only 0.38-0.41 of the forward pass alone. On a 2-core server
     a second process fits in memory since the CPU path runs without torch (1109
     MB in all at 600 slices, against 764 with one; session 16), but it classified

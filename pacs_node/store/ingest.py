@@ -12,7 +12,7 @@ On SQLite a new instance, the common case, goes further: `NewInstanceWriter`
 runs the same three statements, compiled once with SQLAlchemy's own SQL and
 parameter conversions, on the sqlite3 connection itself. SQLAlchemy's work
 around each statement and transaction was more than half of the row's time
-(0.39 -> 0.22 ms per row alone; ingest 1.10x, README). Anything else, a
+(0.39 -> 0.22 ms per row alone; ingest 1.10x, tests/benchmarks/README.md). Anything else, a
 repeat or PostgreSQL (whose connection failures SQLAlchemy must see to replace
 the connection), takes `record_instance`. Being outside SQLAlchemy's execution, these
 writes run no engine events and are not echoed by its logging.
