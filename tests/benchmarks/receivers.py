@@ -231,6 +231,9 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
     `receivers`; their costs are summed."""
     groups = [files[index::associations] for index in range(associations)]
     targets = [receivers[index % len(receivers)] for index in range(associations)]
+    # Data written before (the files to send, what a receiver that does not sync left
+    # in the page cache) goes to disk now, not during this receiver's measurement.
+    os.sync()
     cpu_before = sum(receiver.cpu_seconds() for receiver in receivers)
     # The senders are this process's only children that end (and are reaped) meanwhile.
     senders_before = _children_cpu_seconds()
@@ -254,7 +257,10 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
     for sender, target in zip(senders, targets, strict=True):
         _, errors = sender.communicate(timeout=600)
         if sender.returncode != 0:
-            raise RuntimeError(f"storescu to {target.name} failed: {errors.decode()[-500:]}")
+            raise RuntimeError(
+                f"storescu to {target.name} failed (exit code {sender.returncode}): "
+                f"{errors.decode()[-500:]}"
+            )
     seconds = time.perf_counter() - started
     return Measurement(
         seconds=seconds,
