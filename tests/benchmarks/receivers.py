@@ -88,7 +88,7 @@ def _over_tree(pid: int, measure: Callable[[int], float]) -> float:
     """`measure` of a process plus that of each descendant still there."""
     total = measure(pid)
     for child in descendants(pid):
-        with contextlib.suppress(FileNotFoundError):  # ended since it was listed
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # ended since listed
             total += measure(child)
     return total
 
@@ -168,7 +168,7 @@ class DcmtkStoreSCP(Receiver):
             parent = cpu_seconds(self.pid)
             try:
                 children = sum(cpu_seconds(child) for child in descendants(self.pid))
-            except FileNotFoundError:
+            except (FileNotFoundError, ProcessLookupError):  # a child ended as it was read
                 continue
             if cpu_seconds(self.pid) == parent:
                 return parent + children
