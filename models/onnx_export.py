@@ -26,13 +26,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from models.manifest import ArtifactError
-from models.onnx_network import (
-    CONTENT_HASH_KEY,
-    PROBE_LOGITS_KEY,
-    ExportError,
-    OnnxNetwork,
-    probe_input,
-)
+from models.onnx_cache import ExportError
+from models.onnx_network import CONTENT_HASH_KEY, PROBE_LOGITS_KEY, OnnxNetwork, probe_input
 
 if TYPE_CHECKING:
     from models.artifact import Artifact

@@ -17,20 +17,27 @@ from pathlib import Path
 import numpy as np
 
 from models.manifest import load_manifest
-from models.onnx_network import default_cache, onnx_network
+from models.onnx_cache import default_cache
 
 Network = Callable[[np.ndarray], np.ndarray]
+
+
+def cuda_driver_loads() -> bool:
+    """Whether the CUDA driver's library loads: without it torch cannot use a GPU."""
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return False
+    return True
 
 
 def cuda_available() -> bool:
     """Whether torch can use a CUDA device.
 
-    Asked of torch only where the CUDA driver's library loads: without it torch
-    cannot use a GPU either, and a CPU-only host is spared importing torch.
+    Asked of torch only where the CUDA driver's library loads: a CPU-only host is
+    spared importing torch.
     """
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
+    if not cuda_driver_loads():
         return False
     import torch
 
@@ -85,6 +92,8 @@ class SlicePredictor:
             self.manifest, self.lanes = artifact.manifest, 1
             self.network = torch_network(artifact, "cuda")
         else:
+            from models.onnx_network import onnx_network  # ONNX Runtime: a CPU only
+
             self.manifest = load_manifest(folder)
             self.lanes = lanes
             share = max(1, (threads or len(os.sched_getaffinity(0))) // lanes)

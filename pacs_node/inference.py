@@ -25,7 +25,7 @@ from pydicom.dataset import Dataset
 
 from models.aggregation import SeriesResult, aggregate
 from models.manifest import ArtifactError, Manifest
-from models.onnx_network import ExportError
+from models.onnx_cache import ExportError
 from models.predictor import SlicePredictor, resolve_device
 from models.preprocessing import PixelLayout, input_from_dataset, input_from_layout
 from pacs_node.config import Settings

@@ -131,6 +131,7 @@ class Node:
             infer_process_count(settings.inference.processes) if "infer" in self.stages else 0
         )
         self._infer_here = "infer" in self.stages and not receiving
+        self._exports_ahead = "infer" in self.stages and first
         self._infer_children = (
             self._infer_processes - (1 if self._infer_here else 0) if first else 0
         )
@@ -174,13 +175,15 @@ class Node:
     def _start(self, cancelled: Callable[[], bool]) -> None:
         settings = self.settings
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
+        if self._exports_ahead:
+            self._export_model_ahead(cancelled)
         # Load the model before opening the port: a node that cannot classify
         # must not accept series it would only queue. Imported here because
         # the model's libraries cost hundreds of MB and seconds of start-up,
         # which receive- and send-only processes never need.
         classifier = None
         if self._infer_here:
-            from models.onnx_network import ExportCancelledError
+            from models.onnx_cache import ExportCancelledError
             from pacs_node.inference import load_classifier
             from pacs_node.worker import InferenceStage
 
@@ -312,6 +315,29 @@ class Node:
                 coalesce=True,
                 id="watch-children",
             )
+
+    def _export_model_ahead(self, cancelled: Callable[[], bool]) -> None:
+        """On a CPU, export the model to ONNX (once: it is cached) before any process
+        loads the libraries that classify: the export child's ~1.2 GB then adds to
+        this process's ~120 MB alone, not also to an infer process's ~300."""
+        from models.manifest import ArtifactError
+        from models.onnx_cache import (
+            ExportCancelledError,
+            ExportError,
+            default_cache,
+            export_unless_cached,
+        )
+        from models.predictor import cuda_driver_loads
+
+        device = self.settings.inference.device
+        if device == "cuda" or (device == "auto" and cuda_driver_loads()):
+            return  # CUDA runs the artifact itself; the infer process decides
+        try:
+            export_unless_cached(self.settings.inference.model, default_cache(), cancelled)
+        except ExportCancelledError as error:
+            raise StartCancelledError("stopped while exporting the model") from error
+        except (ArtifactError, ExportError) as error:
+            raise ConfigurationError(f"inference.model: {error}") from error
 
     def _start_infer_children(self, cancelled: Callable[[], bool]) -> None:
         """The first alone, unless this process loaded the model already: it may

@@ -213,6 +213,28 @@ def test_a_node_stopped_during_its_first_start_does_not_wait_for_the_model_expor
     assert list(cache.rglob("*.onnx")) == []
 
 
+def test_a_first_start_exports_the_model_before_any_infer_process_starts(
+    tmp_path: Path, tiny_model: Path
+) -> None:
+    """The export child's ~1.2 GB must not add to an infer process's ~300 MB: `serve`
+    exports the model before it starts its infer processes, which read the export."""
+    cache = tmp_path / "cache"  # empty: the model must be exported
+    node = NodeProcess(tmp_path / "node", tiny_model, settings={"XDG_CACHE_HOME": str(cache)})
+    serve = node.launch().pid
+    try:
+        export = wait_for(lambda: export_child(serve), 60, "the export child")
+        stat = Path(f"/proc/{export}/stat").read_text()
+        infer_while_exporting = infer_children(serve)
+        wait_for(lambda: node.has_logged(" ready: "), 120, "the ready line")
+        assert len(infer_children(serve)) == 1
+    finally:
+        assert node.stop() == 0
+    assert int(stat.rsplit(")", 1)[1].split()[1]) == serve  # the export's parent
+    assert infer_while_exporting == []
+    assert sum("exporting the model to ONNX" in line for line in node.lines) == 1
+    assert len(list(cache.rglob("*.onnx"))) == 1
+
+
 def test_an_infer_only_serve_is_the_first_of_its_infer_processes(
     tmp_path: Path, tiny_model: Path
 ) -> None:

@@ -38,7 +38,15 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from models import decoder_guard, jpeg_lossless, onnx_export, onnx_network, preprocessing, resample
+from models import (
+    decoder_guard,
+    jpeg_lossless,
+    onnx_cache,
+    onnx_export,
+    onnx_network,
+    preprocessing,
+    resample,
+)
 from models import manifest as manifest_module
 from models.aggregation import aggregate
 from models.artifact import Aggregation, ArtifactError, load_artifact
@@ -835,7 +843,7 @@ def test_cpu_forward_pass_gives_the_classes_of_eager_pytorch(
     def no_export(folder: Path, output: Path, cancelled: Callable[[], bool]) -> None:
         raise AssertionError("exported again despite the cache")
 
-    monkeypatch.setattr(onnx_network, "_run_export", no_export)
+    monkeypatch.setattr(onnx_cache, "_run_export", no_export)
     restarted = SlicePredictor(tiny_model, "cpu", onnx_cache=tmp_path)
     assert restarted.predict(inputs) == pytest.approx(probabilities, abs=1e-6)
     with pytest.raises(ValueError, match=r"expected a \(n, 3, 64, 64\) batch"):
@@ -1047,7 +1055,7 @@ def test_an_export_removes_the_exports_no_start_has_used_for_30_days(
     SlicePredictor(tiny_model, "cpu", onnx_cache=cache)  # a start that reads it
     assert in_use.stat().st_mtime > now - 60
 
-    with caplog.at_level(logging.INFO, logger="models.onnx_network"):
+    with caplog.at_level(logging.INFO, logger="models.onnx_cache"):
         SlicePredictor(tiny_artifact(tmp_path / "next", seed=4), "cpu", onnx_cache=cache)
     kept = {path.name for path in cache.iterdir()} - {in_use.name}
     assert len(kept) == 4  # the new export and three files
@@ -1073,7 +1081,7 @@ def test_an_export_that_fails_says_why(tmp_path: Path) -> None:
     document = json.loads((folder / "manifest.json").read_text())
     document["content_hash"] = content_hash(document, weights.read_bytes())
     (folder / "manifest.json").write_text(json.dumps(document))
-    with pytest.raises(onnx_network.ExportError, match="do not fit the network"):
+    with pytest.raises(onnx_cache.ExportError, match="do not fit the network"):
         SlicePredictor(folder, "cpu", onnx_cache=tmp_path / "cache")
 
 
