@@ -74,9 +74,8 @@ def export_unless_cached(
     cannot be written (the process that loads the model then exports it itself).
     `ArtifactError`, `ExportError`, `ExportCancelledError` as `export_to_cache`."""
     cached = cached_model_path(load_manifest(folder), cache)
-    if cached.is_file() or not _writable_folder(cached.parent):
-        return
-    export_to_cache(folder, cached, cancelled)
+    if not cached.is_file() and _writable_folder(cached.parent):
+        _export_into_cache(folder, cached, cancelled)
 
 
 def _writable_folder(folder: Path) -> bool:
@@ -96,14 +95,19 @@ def export_to_cache(folder: Path, cached: Path, cancelled: Callable[[], bool]) -
     once `cancelled()` is true while it runs.
     """
     if _writable_folder(cached.parent):
-        _run_export(folder, cached, cancelled)
-        _remove_unused_exports(cached.parent, time.time())
+        _export_into_cache(folder, cached, cancelled)
         return cached.read_bytes()
     log.warning("ONNX export cache not writable", extra={"reason": str(cached.parent)})
     with tempfile.TemporaryDirectory(prefix="pacs-node-onnx-") as scratch:
         output = Path(scratch) / cached.name
         _run_export(folder, output, cancelled)
         return output.read_bytes()
+
+
+def _export_into_cache(folder: Path, cached: Path, cancelled: Callable[[], bool]) -> None:
+    """The export, written at `cached` in a writable cache, which it then tidies."""
+    _run_export(folder, cached, cancelled)
+    _remove_unused_exports(cached.parent, time.time())
 
 
 def mark_used(cached: Path) -> None:

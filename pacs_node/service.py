@@ -341,7 +341,9 @@ class Node:
 
     def _start_infer_children(self, cancelled: Callable[[], bool]) -> None:
         """The first alone, unless this process loaded the model already: it may
-        export the ONNX model that the others then read. Then the others at once."""
+        still have to export the ONNX model (a cached export that disagrees with the
+        artifact, a CUDA host whose torch finds no GPU), which the others then read.
+        Then the others at once."""
         if not self._infer_children:
             return
         assert self._shared_wakes is not None
