@@ -27,6 +27,14 @@ from typing import Protocol
 from apscheduler.jobstores.base import JobLookupError
 from apscheduler.schedulers.background import BackgroundScheduler
 
+from models.manifest import ArtifactError
+from models.onnx_cache import (
+    ExportCancelledError,
+    ExportError,
+    default_cache,
+    export_unless_cached,
+)
+from models.predictor import cuda_driver_loads
 from pacs_node.admission import Admission
 from pacs_node.assembler import Assembler
 from pacs_node.association_slots import AssociationSlots
@@ -175,25 +183,23 @@ class Node:
     def _start(self, cancelled: Callable[[], bool]) -> None:
         settings = self.settings
         worker_id = f"{socket.gethostname()}:{os.getpid()}"
-        if self._exports_ahead:
-            self._export_model_ahead(cancelled)
         # Load the model before opening the port: a node that cannot classify
         # must not accept series it would only queue. Imported here because
         # the model's libraries cost hundreds of MB and seconds of start-up,
         # which receive- and send-only processes never need.
         classifier = None
-        if self._infer_here:
-            from models.onnx_cache import ExportCancelledError
-            from pacs_node.inference import load_classifier
-            from pacs_node.worker import InferenceStage
+        try:
+            if self._exports_ahead:
+                self._export_model_ahead(cancelled)
+            if self._infer_here:
+                from pacs_node.inference import load_classifier
 
-            try:
                 classifier = load_classifier(settings, self._infer_processes, cancelled)
-            except ExportCancelledError as error:
-                raise StartCancelledError("stopped while exporting the model") from error
-            self.model = ModelInfo(
-                classifier.predictor.manifest.model_id, classifier.predictor.device
-            )
+                self.model = ModelInfo(
+                    classifier.predictor.manifest.model_id, classifier.predictor.device
+                )
+        except ExportCancelledError as error:
+            raise StartCancelledError("stopped while exporting the model") from error
         self._start_infer_children(cancelled)
         storage = Storage(settings.storage.root, settings.storage.fsync)
         # A transfer stalls at most network_timeout between fragments; a file
@@ -260,6 +266,8 @@ class Node:
             )
 
         if classifier is not None:
+            from pacs_node.worker import InferenceStage
+
             infer = InferenceStage(
                 store,
                 worker("infer"),
@@ -319,23 +327,13 @@ class Node:
     def _export_model_ahead(self, cancelled: Callable[[], bool]) -> None:
         """On a CPU, export the model to ONNX (once: it is cached) before any process
         loads the libraries that classify: the export child's ~1.2 GB then adds to
-        this process's ~120 MB alone, not also to an infer process's ~300."""
-        from models.manifest import ArtifactError
-        from models.onnx_cache import (
-            ExportCancelledError,
-            ExportError,
-            default_cache,
-            export_unless_cached,
-        )
-        from models.predictor import cuda_driver_loads
-
+        this process's ~120 MB alone, not also to an infer process's ~300.
+        `ExportCancelledError` once `cancelled()` is true while it runs."""
         device = self.settings.inference.device
         if device == "cuda" or (device == "auto" and cuda_driver_loads()):
             return  # CUDA runs the artifact itself; the infer process decides
         try:
             export_unless_cached(self.settings.inference.model, default_cache(), cancelled)
-        except ExportCancelledError as error:
-            raise StartCancelledError("stopped while exporting the model") from error
         except (ArtifactError, ExportError) as error:
             raise ConfigurationError(f"inference.model: {error}") from error
 
