@@ -74,7 +74,7 @@ Predict = Callable[[np.ndarray], np.ndarray]
 # The model-only reference: the forward pass the node itself runs.
 NODE = "node (SlicePredictor)"
 REPORTING_NODE = ReportingNode(ae_title="BENCH")
-NAME_WIDTH = 52  # the longest case name, "stage, uncompressed, parsed, N decode threads"
+NAME_WIDTH = 52  # the longest case name, "classification only, uncompressed, N decode threads"
 
 
 class Timing(NamedTuple):
@@ -296,6 +296,10 @@ def classification_only(classifier: SeriesClassifier, paths: Sequence[Slice]) ->
     return timed(lambda: classifier.classify(paths))
 
 
+def stage_name(inputs: str, threads: int) -> str:
+    return f"stage, {inputs}, {threads} decode threads"
+
+
 def classification_name(threads: int) -> str:
     return f"classification only, uncompressed, {threads} decode threads"
 
@@ -382,8 +386,9 @@ def main(argv: list[str] | None = None) -> int:
                     timings[name].append(model_only(predict, predictor.device, batches))
             for name, paths in inputs.items():
                 for threads, classifier in classifiers.items():
-                    stage = f"stage, {name}, {threads} decode threads"
-                    timings[stage].append(whole_stage(classifier, paths, storage))
+                    timings[stage_name(name, threads)].append(
+                        whole_stage(classifier, paths, storage)
+                    )
             for threads, classifier in classifiers.items():
                 timings[classification_name(threads)].append(
                     classification_only(classifier, inputs["uncompressed"])
@@ -425,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ratio model-only node/{name}: {node / rates[name]:.2f}")
         for name in inputs:
             for threads in classifiers:
-                stage = f"stage, {name}, {threads} decode threads"
+                stage = stage_name(name, threads)
                 print(f"ratio {stage}/model-only: {rates[stage] / node:.2f}")
         for threads in classifiers:
             name = classification_name(threads)
