@@ -12,8 +12,10 @@ of them alike; the ratios are taken per round, then their median printed.
 With several association counts, each receiver is measured at each of them,
 and the node's rate with N associations is compared with its rate with one.
 
-"cores busy" is the CPU time of the receiver and of the storescu senders
-over the wall time: near this machine's core count, the CPU is the limit.
+"kernel s" is the part of the receiver's "CPU s" spent in the kernel (socket
+reads, file writes, syncs): the rest ran the receiver's own code. "cores busy"
+is the CPU time of the receiver and of the storescu senders over the wall
+time: near this machine's core count, the CPU is the limit.
 With --receive-processes N (N > 1), the node also receives each association
 count above one with dicom.receive_processes = N: N processes accepting from
 its one port, sharing its database and folder.
@@ -118,7 +120,7 @@ def print_table(results: Results, arguments: argparse.Namespace) -> None:
     )
     print(
         f"{'receiver':<30} {'assocs':>6} {'images/s':>9} {'MB/s':>7} {'CPU s':>7} "
-        f"{'peak RSS MB':>12} {'senders CPU s':>14} {'cores busy':>11}"
+        f"{'kernel s':>9} {'peak RSS MB':>12} {'senders CPU s':>14} {'cores busy':>11}"
     )
     for (name, associations), runs in results.items():
         print(
@@ -126,6 +128,7 @@ def print_table(results: Results, arguments: argparse.Namespace) -> None:
             f"{statistics.median(r.images_per_second for r in runs):>9.1f} "
             f"{statistics.median(r.megabytes_per_second for r in runs):>7.1f} "
             f"{statistics.median(r.cpu_seconds for r in runs):>7.2f} "
+            f"{statistics.median(r.kernel_cpu_seconds for r in runs):>9.2f} "
             f"{max(r.peak_rss_mb for r in runs):>12.0f} "
             f"{statistics.median(r.sender_cpu_seconds for r in runs):>14.2f} "
             f"{statistics.median(r.cores_busy for r in runs):>11.2f}"

@@ -1,8 +1,8 @@
 """Receivers under test for the ingest benchmarks, each a real process.
 
 Each receiver is started, measured (wall time of one storescu run, CPU
-seconds and peak RSS of the receiver process from /proc, CPU seconds of the
-storescu processes) and stopped.
+seconds (and the kernel's part of them) and peak RSS of the receiver process
+from /proc, CPU seconds of the storescu processes) and stopped.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from tests.peers import dcmtk_environment, free_port, tool
 from tests.polling import wait_for
@@ -29,6 +30,9 @@ class Measurement:
     images: int
     megabytes: float
     cpu_seconds: float
+    # The kernel's part of cpu_seconds (system time: socket reads, file writes,
+    # syncs); the rest ran the receiver's own code.
+    kernel_cpu_seconds: float
     peak_rss_mb: float
     sender_cpu_seconds: float
 
@@ -47,11 +51,38 @@ class Measurement:
         return self.megabytes / self.seconds
 
 
-def cpu_seconds(pid: int) -> float:
+@dataclass(frozen=True)
+class CpuTimes:
+    """CPU seconds in user space and in the kernel."""
+
+    user: float
+    kernel: float
+
+    @property
+    def total(self) -> float:
+        return self.user + self.kernel
+
+    def __add__(self, other: object) -> CpuTimes:
+        if not isinstance(other, CpuTimes):
+            return NotImplemented
+        return CpuTimes(self.user + other.user, self.kernel + other.kernel)
+
+    def __sub__(self, other: CpuTimes) -> CpuTimes:
+        return CpuTimes(self.user - other.user, self.kernel - other.kernel)
+
+
+NO_CPU = CpuTimes(0.0, 0.0)
+# What `_over_tree` adds up over a process tree.
+_Sum = TypeVar("_Sum", float, CpuTimes)
+
+
+def cpu_times(pid: int) -> CpuTimes:
+    """The CPU times of `pid`, its reaped children's included."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")
-    # utime + stime + children's, fields 14-17 of /proc/PID/stat (1-based).
-    return sum(int(value) for value in fields[11:15]) / ticks
+    # utime, stime, cutime, cstime: fields 14-17 of /proc/PID/stat (1-based).
+    user, kernel, children_user, children_kernel = (int(value) for value in fields[11:15])
+    return CpuTimes((user + children_user) / ticks, (kernel + children_kernel) / ticks)
 
 
 def peak_rss_mb(pid: int) -> float:
@@ -84,12 +115,12 @@ def tree_resident_mb(pid: int) -> float:
     return _over_tree(pid, resident_mb)
 
 
-def _over_tree(pid: int, measure: Callable[[int], float]) -> float:
+def _over_tree(pid: int, measure: Callable[[int], _Sum]) -> _Sum:
     """`measure` of a process plus that of each descendant still there."""
     total = measure(pid)
     for child in descendants(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # ended since listed
-            total += measure(child)
+            total = total + measure(child)
     return total
 
 
@@ -112,11 +143,11 @@ class Receiver(ABC):
         assert self.process is not None
         return self.process.pid
 
-    def cpu_seconds(self) -> float:
-        """CPU seconds the receiver has used so far, in all its processes (the node's
+    def cpu_times(self) -> CpuTimes:
+        """CPU times the receiver has used so far, in all its processes (the node's
         receiving children run all along; DCMTK's forked ones end and are counted
         in their parent)."""
-        return _over_tree(self.pid, cpu_seconds)
+        return _over_tree(self.pid, cpu_times)
 
     def stop(self) -> None:
         if self.process is not None:
@@ -161,16 +192,16 @@ class DcmtkStoreSCP(Receiver):
             dcmtk_environment(),
         )
 
-    def cpu_seconds(self) -> float:
+    def cpu_times(self) -> CpuTimes:
         """With its children, running or exited but not yet reaped (reaped ones are
         in the parent's own figure); read again if one was reaped meanwhile."""
         while True:
-            parent = cpu_seconds(self.pid)
+            parent = cpu_times(self.pid)
             try:
-                children = sum(cpu_seconds(child) for child in descendants(self.pid))
+                children = sum(map(cpu_times, descendants(self.pid)), NO_CPU)
             except (FileNotFoundError, ProcessLookupError):  # a child ended as it was read
                 continue
-            if cpu_seconds(self.pid) == parent:
+            if cpu_times(self.pid) == parent:
                 return parent + children
 
 
@@ -234,7 +265,7 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
     # Data written before (the files to send, what a receiver that does not sync left
     # in the page cache) goes to disk now, not during this receiver's measurement.
     os.sync()
-    cpu_before = sum(receiver.cpu_seconds() for receiver in receivers)
+    cpu_before = _receivers_cpu(receivers)
     # The senders are this process's only children that end (and are reaped) meanwhile.
     senders_before = _children_cpu_seconds()
     started = time.perf_counter()
@@ -262,14 +293,20 @@ def send_to(receivers: Sequence[Receiver], files: list[Path], associations: int)
                 f"{errors.decode()[-500:]}"
             )
     seconds = time.perf_counter() - started
+    cpu = _receivers_cpu(receivers) - cpu_before
     return Measurement(
         seconds=seconds,
         images=len(files),
         megabytes=sum(path.stat().st_size for path in files) / 1e6,
-        cpu_seconds=sum(receiver.cpu_seconds() for receiver in receivers) - cpu_before,
+        cpu_seconds=cpu.total,
+        kernel_cpu_seconds=cpu.kernel,
         peak_rss_mb=sum(tree_peak_rss_mb(receiver.pid) for receiver in receivers),
         sender_cpu_seconds=_children_cpu_seconds() - senders_before,
     )
+
+
+def _receivers_cpu(receivers: Sequence[Receiver]) -> CpuTimes:
+    return sum((receiver.cpu_times() for receiver in receivers), NO_CPU)
 
 
 def _children_cpu_seconds() -> float:
