@@ -1,4 +1,4 @@
-"""How many cores this process may use, which every "auto" count of the infer stage follows.
+"""How many cores this process may use, which every "auto" count of threads and processes follows.
 
 The cores it may run on (its CPU affinity: taskset, a cpuset), fewer where a
 cgroup CPU quota allows less: a container's `--cpus`, a Kubernetes CPU limit,
@@ -32,6 +32,15 @@ def usable_cores(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP)
     except OSError:  # no /proc: nothing says there is a quota
         return cores
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
+
+
+def one_process_per_four_cores(cores: int | None = None) -> int:
+    """An "auto" count of processes for one stage: one per 4 `cores` (by default
+    the usable cores), 1 to 4. Below 8 cores one process, which the measurements
+    on 2 cores favoured (README "Performance"); four on a 16-core host, where four
+    infer processes and four receiving ones were measured. No more than four:
+    more were not measured, and each holds its own memory."""
+    return min(4, max(1, (cores or usable_cores()) // 4))
 
 
 def forward_threads(topology: Path = CPU_TOPOLOGY) -> int:

@@ -4,11 +4,11 @@ Stages never call each other; they meet in the job store and the storage
 root. Within one `serve` the only link is a pair of wake-up events, so a
 series that completes is picked up at once instead of at the next poll. A
 `serve` that receives runs its infer stage in inference.processes child
-processes, and with dicom.receive_processes above 1 more receiving ones; one
-that only infers is the first of its infer processes (see `stage_process`).
-Every process also runs the periodic work (series
-completion sweep, lease reaper, retention): all are safe to run from many
-processes at once.
+processes, and more receiving ones where dicom.receive_processes gives more
+than one (its "auto" does from 8 cores on); one that only infers is the first
+of its infer processes (see `stage_process`). Every process also runs the
+periodic work (series completion sweep, lease reaper, retention): all are safe
+to run from many processes at once.
 """
 
 from __future__ import annotations
@@ -53,6 +53,7 @@ from pacs_node.stage_process import (
     StageProcess,
     StartCancelledError,
     infer_process_count,
+    receive_process_count,
 )
 from pacs_node.storage import Storage
 from pacs_node.store import JobStatus, JobStore
@@ -144,7 +145,9 @@ class Node:
             self._infer_processes - (1 if self._infer_here else 0) if first else 0
         )
         self._receive_children = (
-            settings.dicom.receive_processes - 1 if receiving and listener is None else 0
+            receive_process_count(settings.dicom.receive_processes) - 1
+            if receiving and listener is None
+            else 0
         )
         self._listener = listener
         self._slots_lock_file: Path | None = None
@@ -365,7 +368,7 @@ class Node:
             self.model = child.wait_until_running(cancelled) or self.model
 
     def _start_receiving_children(self) -> None:
-        """With dicom.receive_processes above 1: the listening socket, shared with
+        """With more than one receiving process: the listening socket, shared with
         that many processes less one, this one's receiver being the first."""
         if not self._receive_children:
             return

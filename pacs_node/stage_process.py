@@ -11,7 +11,8 @@ processes take series side by side, each on its share of the cores: a series'
 SR and job steps run on one core beside its forward passes, and another
 process's series fills the cores meanwhile (`infer_process_count`).
 
-Receiving, with dicom.receive_processes above 1. Why: one process serves its
+Receiving, with more than one receiving process (dicom.receive_processes; its
+"auto" starts them from 8 cores on). Why: one process serves its
 associations in threads that take turns at one GIL. On a 16-core host four
 associations received 1.04-1.20x one association's rate in one process, and
 2.18x with four receiving processes (`tests.benchmarks.ingest`). The children
@@ -40,7 +41,7 @@ from typing import Literal
 
 from pacs_node.association_slots import AssociationSlots
 from pacs_node.config import Settings
-from pacs_node.cores import usable_cores
+from pacs_node.cores import one_process_per_four_cores
 from pacs_node.errors import ConfigurationError, PacsNodeError
 from pacs_node.logs import configure_logging, enable_stack_dumps
 from pacs_node.reception import Reception
@@ -73,8 +74,24 @@ def infer_process_count(setting: int | Literal["auto"], cores: int | None = None
     """
     if setting != "auto":
         return setting
-    cores = cores or usable_cores()
-    return min(4, max(1, cores // 4))
+    return one_process_per_four_cores(cores)
+
+
+def receive_process_count(setting: int | Literal["auto"], cores: int | None = None) -> int:
+    """dicom.receive_processes; "auto" is one receiving process per 4 cores (`cores`;
+    by default `usable_cores`), 1 to 4.
+
+    One process serves its associations in threads that take turns at one GIL:
+    four associations into one process received 0.74-1.10x one association's rate
+    on this project's 2-core VM, 1.04-1.20x on a 16-core host. On that host four
+    receiving processes took them at 2.18x (3.15 cores busy; session 12,
+    tests/benchmarks/README.md). On 2 cores two or four processes gained only
+    0.94-1.27x, for ~140 MB each: the node's 3.3-4.4 ms of CPU per instance fills
+    both cores.
+    """
+    if setting != "auto":
+        return setting
+    return one_process_per_four_cores(cores)
 
 
 class StartCancelledError(PacsNodeError):

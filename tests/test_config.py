@@ -63,6 +63,7 @@ def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.Monk
         ("PACS_NODE_INFERENCE__PROCESSES", "0", "inference.processes"),
         ("PACS_NODE_INFERENCE__PROCESSES", "many", "inference.processes"),
         ("PACS_NODE_DICOM__RECEIVE_PROCESSES", "0", "dicom.receive_processes"),
+        ("PACS_NODE_DICOM__RECEIVE_PROCESSES", "many", "dicom.receive_processes"),
     ],
 )
 def test_invalid_values_are_refused_by_name(

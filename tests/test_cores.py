@@ -6,13 +6,21 @@ import os
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Literal
 
 import pytest
 
 from pacs_node import cores
-from pacs_node.cores import cpu_quota, forward_threads, physical_cores, usable_cores
+from pacs_node.cores import (
+    cpu_quota,
+    forward_threads,
+    one_process_per_four_cores,
+    physical_cores,
+    usable_cores,
+)
+from pacs_node.stage_process import infer_process_count, receive_process_count
 from tests.peers import REPO
 
 
@@ -164,3 +172,32 @@ def test_forward_threads_are_the_physical_cores_at_most_the_usable_ones(
     assert forward_threads(topology) == 4
     monkeypatch.setattr(cores, "usable_cores", lambda: 3)  # a quota of 3 CPUs
     assert forward_threads(topology) == 3
+
+
+@pytest.mark.parametrize(
+    ("cores", "processes"), [(1, 1), (2, 1), (7, 1), (8, 2), (15, 3), (16, 4), (64, 4)]
+)
+def test_auto_process_counts_are_one_per_four_cores_from_one_to_four(
+    cores: int, processes: int
+) -> None:
+    assert one_process_per_four_cores(cores) == processes
+
+
+def test_auto_process_counts_follow_a_cpu_quota_not_the_hosts_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # 16 cores to run on, a container's quota of 2 CPUs: one process, not four.
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(cores, "cpu_quota", lambda membership, root: 2.0)
+    assert one_process_per_four_cores() == 1
+    monkeypatch.setattr(cores, "cpu_quota", lambda membership, root: None)
+    assert one_process_per_four_cores() == 4
+
+
+@pytest.mark.parametrize("count", [infer_process_count, receive_process_count])
+def test_a_stages_process_count_is_the_number_set_or_by_its_cores(
+    count: Callable[[int | Literal["auto"], int | None], int],
+) -> None:
+    assert count(3, 2) == 3
+    assert count("auto", 2) == 1
+    assert count("auto", 16) == 4

@@ -7,17 +7,14 @@ import os
 import re
 import signal
 from pathlib import Path
-from typing import Literal
 
 import pytest
 
-from pacs_node import stage_process
 from pacs_node.config import InferenceSettings, Settings, StorageSettings
 from pacs_node.stage_process import (
     PipeWake,
     StageProcess,
     StartCancelledError,
-    infer_process_count,
 )
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
@@ -93,33 +90,6 @@ def test_each_process_of_a_serve_writes_its_stacks_on_sigusr1_and_runs_on(
         wait_for(lambda: stacks_waiting_to_stop(node) == 2, 30, "the infer process's stacks")
         assert infer_children(node.pid) == [infer]
         assert node.stop() == 0
-
-
-@pytest.mark.parametrize(
-    ("setting", "cores", "processes"),
-    [
-        ("auto", 1, 1),
-        ("auto", 2, 1),
-        ("auto", 7, 1),
-        ("auto", 8, 2),
-        ("auto", 16, 4),
-        ("auto", 64, 4),
-        (3, 2, 3),
-    ],
-)
-def test_auto_infer_processes_follow_the_cores(
-    setting: int | Literal["auto"], cores: int, processes: int
-) -> None:
-    assert infer_process_count(setting, cores) == processes
-
-
-def test_auto_infer_processes_follow_a_cpu_quota_not_the_hosts_cores(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    # 16 cores to run on, a container's quota of 2 CPUs: one process, not four.
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
-    monkeypatch.setattr(stage_process, "usable_cores", lambda: 2)
-    assert infer_process_count("auto") == 1
 
 
 def test_two_infer_processes_each_classify_alone_and_one_that_dies_is_restarted(

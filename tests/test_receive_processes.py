@@ -10,9 +10,13 @@ from pathlib import Path
 from typing import Any
 
 import pydicom
+import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.association import Association
 
+from pacs_node import cores
+from pacs_node.config import Settings, StorageSettings
+from pacs_node.service import Node
 from pacs_node.store import JobStore
 from tests.bad_input import answer_to, association_request, ct_slice, rejection
 from tests.dicom_data import renamed_series, series_uid
@@ -87,6 +91,20 @@ def receiving_node(
     if database_url:
         settings["PACS_NODE_DATABASE__URL"] = database_url
     return NodeProcess(folder, model, stages="receive", settings=settings)
+
+
+@pytest.mark.parametrize(("usable", "ready_line"), [(2, None), (8, "(2 processes)")])
+def test_a_receiving_serve_takes_its_receiving_processes_from_its_cores_by_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, usable: int, ready_line: str | None
+) -> None:
+    monkeypatch.setattr(cores, "usable_cores", lambda: usable)
+    settings = Settings(storage=StorageSettings(root=tmp_path / "storage"))
+    assert settings.dicom.receive_processes == "auto"
+    described = Node(settings, ["receive"]).describe()
+    if ready_line is None:
+        assert "processes)" not in described, described
+    else:
+        assert ready_line in described, described
 
 
 def test_associations_spread_over_the_processes_and_count_against_one_limit(
