@@ -175,12 +175,12 @@ def test_forward_threads_are_the_physical_cores_at_most_the_usable_ones(
 
 
 @pytest.mark.parametrize(
-    ("cores", "processes"), [(1, 1), (2, 1), (7, 1), (8, 2), (15, 3), (16, 4), (64, 4)]
+    ("usable", "processes"), [(1, 1), (2, 1), (7, 1), (8, 2), (15, 3), (16, 4), (64, 4)]
 )
 def test_auto_process_counts_are_one_per_four_cores_from_one_to_four(
-    cores: int, processes: int
+    usable: int, processes: int
 ) -> None:
-    assert one_process_per_four_cores(cores) == processes
+    assert one_process_per_four_cores(usable) == processes
 
 
 def test_auto_process_counts_follow_a_cpu_quota_not_the_hosts_cores(
