@@ -62,9 +62,7 @@ class CpuTimes:
     def total(self) -> float:
         return self.user + self.kernel
 
-    def __add__(self, other: object) -> CpuTimes:
-        if not isinstance(other, CpuTimes):
-            return NotImplemented
+    def __add__(self, other: CpuTimes) -> CpuTimes:
         return CpuTimes(self.user + other.user, self.kernel + other.kernel)
 
     def __sub__(self, other: CpuTimes) -> CpuTimes:
@@ -120,7 +118,7 @@ def _over_tree(pid: int, measure: Callable[[int], _Sum]) -> _Sum:
     total = measure(pid)
     for child in descendants(pid):
         with contextlib.suppress(FileNotFoundError, ProcessLookupError):  # ended since listed
-            total = total + measure(child)
+            total += measure(child)
     return total
 
 
