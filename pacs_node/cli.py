@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     job_commands = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     listing = job_commands.add_parser("list", help="list jobs, newest first")
     listing.add_argument("--status", choices=["queued", "running", "done", "dead"])
-    listing.add_argument("--kind", choices=["infer", "send"])
+    listing.add_argument("--kind", choices=[str(kind) for kind in JobKind])
     listing.add_argument("--limit", type=int, default=50)
     listing.add_argument("--json", action="store_true")
     show = job_commands.add_parser("show", help="one job and its history")

@@ -32,6 +32,7 @@ from pacs_node.config import Settings
 from pacs_node.cores import forward_threads, usable_cores
 from pacs_node.errors import ConfigurationError, PermanentError
 from pacs_node.report import ReportError, ReportingNode, rehearse_report, reporting_node
+from pacs_node.store import Instance
 
 log = logging.getLogger(__name__)
 
@@ -329,6 +330,17 @@ def reference_header(
     if instance_number is not None:
         reference.InstanceNumber = instance_number
     return reference
+
+
+def instance_reference(instance: Instance) -> Dataset:
+    """The REFERENCE_KEYWORDS of a stored instance, from its row."""
+    return reference_header(
+        instance.sop_class_uid,
+        instance.sop_instance_uid,
+        instance.series_instance_uid,
+        instance.study_instance_uid,
+        instance.instance_number,
+    )
 
 
 def _reference(header: Dataset, whole: bool) -> Dataset:

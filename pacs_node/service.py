@@ -6,7 +6,10 @@ series that completes is picked up at once instead of at the next poll. A
 `serve` that receives runs its infer stage in inference.processes child
 processes, and more receiving ones where dicom.receive_processes gives more
 than one (its "auto" does from 8 cores on); one that only infers is the first
-of its infer processes (see `stage_process`). Every process also runs the
+of its infer processes (see `stage_process`). Each infer process takes the
+report jobs too, each in a thread of its own (woken by its own infer jobs): a
+report names the model that classified, and only those processes load it.
+Every process also runs the
 periodic work (series completion sweep, lease reaper, retention): all are safe
 to run from many processes at once.
 """
@@ -161,6 +164,8 @@ class Node:
         self._infer_wake, self._send_wake = (
             wakes or self._shared_wakes or (threading.Event(), threading.Event())
         )
+        # Report jobs are made and taken in the infer processes (see `_start`).
+        self._report_wake = threading.Event()
         self.model: ModelInfo | None = None
         self._threads: list[threading.Thread] = []
         self._scheduler = BackgroundScheduler(timezone="UTC")
@@ -269,6 +274,7 @@ class Node:
             )
 
         if classifier is not None:
+            from pacs_node.reporter import ReportStage
             from pacs_node.worker import InferenceStage
 
             infer = InferenceStage(
@@ -276,13 +282,22 @@ class Node:
                 worker("infer"),
                 storage,
                 classifier,
+                give_way=self._give_way(settings.inference.pause_while_receiving_seconds),
+            )
+            report = ReportStage(
+                store,
+                worker("report"),
+                storage,
+                classifier.predictor.manifest,
                 reporting_node(settings),
                 [destination.key for destination in settings.results.destinations],
                 send_max_attempts=settings.results.max_attempts,
-                give_way=self._give_way(settings.inference.pause_while_receiving_seconds),
             )
             self._add_loop(
-                "infer", infer.run_once, self._infer_wake, after_work=self._send_wake.set
+                "infer", infer.run_once, self._infer_wake, after_work=self._report_wake.set
+            )
+            self._add_loop(
+                "report", report.run_once, self._report_wake, after_work=self._send_wake.set
             )
         if "send" in self.stages:
             send = SendStage(
@@ -426,6 +441,7 @@ class Node:
         """Stop accepting, let running jobs finish their current step, close."""
         self._stopping.set()
         self._infer_wake.set()
+        self._report_wake.set()
         self._send_wake.set()
         if self.receiver is not None:
             self.receiver.stop()

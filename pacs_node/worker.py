@@ -1,21 +1,17 @@
-"""The infer stage: claim a series job, classify it, write its SR, queue sends.
+"""The infer stage: claim a series job, classify it, store the result.
 
-The result row, the send jobs and the job's completion are committed in one
-transaction after the SR file is durable. The SR's SOP Instance UID depends
-only on (series, model version, revision), so a crash anywhere before that
-commit makes the retry write the very same object again, never a second one.
+The result row, the series' REPORT job and the job's completion are committed
+in one transaction; the report stage (`pacs_node.reporter`) writes the SR from
+that row. The result names the SR it will have: its UIDs and path depend only
+on (series, model version, revision), so a retry after a crash stores the very
+same result, never a second one.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
-
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import dcmwrite
-from pydicom.uid import Comprehensive3DSRStorage
+from collections.abc import Callable
 
 from models.manifest import Manifest
 from models.pixel_layout import PixelLayout
@@ -24,9 +20,9 @@ from pacs_node.inference import (
     SeriesClassification,
     SeriesClassifier,
     StoredSlice,
-    reference_header,
+    instance_reference,
 )
-from pacs_node.report import PredecessorReport, ReportingNode, build_report
+from pacs_node.report import sr_series_uid, sr_sop_instance_uid
 from pacs_node.stage import Done, JobStage, Worker
 from pacs_node.storage import Storage
 from pacs_node.store import Job, JobKind, JobStore, NewResult
@@ -43,9 +39,6 @@ class InferenceStage(JobStage):
         worker: Worker,
         storage: Storage,
         classifier: SeriesClassifier,
-        node: ReportingNode,
-        destinations: Sequence[str],
-        send_max_attempts: int,
         give_way: Callable[[], float] = lambda: 0.0,
     ) -> None:
         """`give_way` runs between batches and returns the seconds it waited for the
@@ -53,9 +46,6 @@ class InferenceStage(JobStage):
         super().__init__(store, worker)
         self.storage = storage
         self.classifier = classifier
-        self.node = node
-        self.destinations = list(destinations)
-        self.send_max_attempts = send_max_attempts
         self.give_way = give_way
 
     @property
@@ -70,13 +60,7 @@ class InferenceStage(JobStage):
             StoredSlice(
                 self.storage.absolute(instance.path),
                 PixelLayout.from_text(instance.pixel_layout) if instance.pixel_layout else None,
-                reference_header(
-                    instance.sop_class_uid,
-                    instance.sop_instance_uid,
-                    instance.series_instance_uid,
-                    instance.study_instance_uid,
-                    instance.instance_number,
-                ),
+                instance_reference(instance),
             )
             for instance in instances
         ]
@@ -98,85 +82,42 @@ class InferenceStage(JobStage):
                 "slice not classified",
                 extra={"action": "infer", "job_id": job.id, "sop_uid": name, "reason": reason},
             )
-        report_started = time.perf_counter()
-        report = build_report(
-            sources=classification.headers,
-            result=classification.result,
-            manifest=self.manifest,
-            revision=job.revision,
-            node=self.node,
-            predecessor=self._predecessor(job),
-        )
-        written = self.storage.write(
-            self.storage.report_path(str(report.StudyInstanceUID), str(report.SOPInstanceUID)),
-            [encode_report(report)],
-        )
         self.store.complete_inference(
-            job.id,
-            self.worker.worker_id,
-            _new_result(job, classification, report, self.manifest, written.relative_path),
-            self.destinations,
-            max_attempts=self.send_max_attempts,
+            job.id, self.worker.worker_id, self._new_result(job, classification)
         )
-        report_seconds = time.perf_counter() - report_started
+        result = classification.result
         probabilities = ", ".join(
             f"{name} {value:.3f}"
-            for name, value in zip(
-                classification.result.classes, classification.result.probabilities, strict=True
-            )
+            for name, value in zip(result.classes, result.probabilities, strict=True)
         )
         return Done(
-            f"series classified as {classification.result.label} ({probabilities}) from "
-            f"{len(classification.headers)} slices, revision {job.revision}",
+            f"series classified as {result.label} ({probabilities}) from "
+            f"{len(classification.slices)} slices, revision {job.revision}",
             {
                 "decode_seconds": classification.decode_seconds,
                 "forward_seconds": classification.forward_seconds,
-                "report_seconds": report_seconds,
                 "receiving_wait_seconds": waited,
             },
         )
 
-    def _predecessor(self, job: Job) -> PredecessorReport | None:
-        previous = self.store.previous_result(
-            job.series_instance_uid, self.manifest.version, before_revision=job.revision
+    def _new_result(self, job: Job, classification: SeriesClassification) -> NewResult:
+        result = classification.result
+        manifest = self.manifest
+        # The report joins the study of its sources (one study: `build_report` checks).
+        study_uid = str(classification.headers[0].StudyInstanceUID)
+        sr_uid = sr_sop_instance_uid(job.series_instance_uid, manifest.version, job.revision)
+        return NewResult(
+            series_instance_uid=job.series_instance_uid,
+            study_instance_uid=study_uid,
+            revision=job.revision,
+            model_name=manifest.name,
+            model_version=manifest.version,
+            model_hash=manifest.content_hash,
+            label=result.label,
+            probabilities=dict(zip(result.classes, result.probabilities, strict=True)),
+            slices=classification.slices,
+            evidence=classification.evidence_uids,
+            sr_sop_instance_uid=sr_uid,
+            sr_series_instance_uid=sr_series_uid(job.series_instance_uid, manifest.version),
+            sr_path=self.storage.report_path(study_uid, sr_uid),
         )
-        if previous is None:
-            return None
-        return PredecessorReport(
-            study_instance_uid=previous.study_instance_uid,
-            series_instance_uid=previous.sr_series_instance_uid,
-            sop_instance_uid=previous.sr_sop_instance_uid,
-            sop_class_uid=Comprehensive3DSRStorage,
-        )
-
-
-def encode_report(report: Dataset) -> bytes:
-    """The SR as the bytes of a DICOM file."""
-    buffer = DicomBytesIO()
-    dcmwrite(buffer, report, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def _new_result(
-    job: Job,
-    classification: SeriesClassification,
-    report: Dataset,
-    manifest: Manifest,
-    sr_path: str,
-) -> NewResult:
-    result = classification.result
-    return NewResult(
-        series_instance_uid=job.series_instance_uid,
-        study_instance_uid=str(report.StudyInstanceUID),
-        revision=job.revision,
-        model_name=manifest.name,
-        model_version=manifest.version,
-        model_hash=manifest.content_hash,
-        label=result.label,
-        probabilities=dict(zip(result.classes, result.probabilities, strict=True)),
-        slices=classification.slices,
-        evidence=classification.evidence_uids,
-        sr_sop_instance_uid=str(report.SOPInstanceUID),
-        sr_series_instance_uid=str(report.SeriesInstanceUID),
-        sr_path=sr_path,
-    )

@@ -36,12 +36,14 @@ def nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
 
 
-def classified(node: NodeProcess) -> int:
-    return sum("series classified" in line for line in list(node.lines))
+def reported(node: NodeProcess) -> int:
+    return sum("SR written" in line for line in list(node.lines))
 
 
-def wait_until_classified(node: NodeProcess, series: int) -> None:
-    wait_for(lambda: classified(node) == series, 60, f"{series} series classified")
+def wait_until_reported(node: NodeProcess, series: int) -> None:
+    """Until the infer processes have classified `series` series and written their SRs
+    (the report job follows the infer job, in a thread of the same process)."""
+    wait_for(lambda: reported(node) == series, 60, f"{series} series classified and reported")
 
 
 def test_classification_runs_niced_in_a_child_that_is_restarted_when_it_dies(
@@ -54,14 +56,14 @@ def test_classification_runs_niced_in_a_child_that_is_restarted_when_it_dies(
         assert nice(infer) == 7 and nice(node.pid) == 0
         first = renamed_series(chest_ct(), tmp_path / "first", count=3)
         assert storescu(node.port, "PACSNODE", first).returncode == 0
-        wait_until_classified(node, 1)
+        wait_until_reported(node, 1)
 
         os.kill(infer, signal.SIGKILL)
         wait_for(lambda: node.has_logged("infer process exited with code -9"), 30, "the log")
         wait_for(lambda: infer_children(node.pid) not in ([], [infer]), 60, "a new infer process")
         second = renamed_series(chest_ct(), tmp_path / "second", count=3)
         assert storescu(node.port, "PACSNODE", second).returncode == 0
-        wait_until_classified(node, 2)
+        wait_until_reported(node, 2)
 
 
 def test_the_child_stops_when_its_parent_is_killed(tmp_path: Path, tiny_model: Path) -> None:
@@ -110,7 +112,7 @@ def test_two_infer_processes_each_classify_alone_and_one_that_dies_is_restarted(
             try:
                 series = renamed_series(chest_ct(), tmp_path / f"series-{number}", count=3)
                 assert storescu(node.port, "PACSNODE", series).returncode == 0
-                wait_until_classified(node, number)
+                wait_until_reported(node, number)
             finally:
                 os.kill(stopped, signal.SIGCONT)
         # One that dies is restarted under its own name; the other runs on.

@@ -29,7 +29,16 @@ from tests.dicom_data import series_uid as series_uid_of
 from tests.peers import chest_ct
 from tests.polling import wait_for
 from tests.processes import NodeProcess, StoreSCP, storescu
-from tests.test_store import QUIET, STUDY, T0, in_threads, instance, result_for, series_uid
+from tests.test_store import (
+    QUIET,
+    STUDY,
+    T0,
+    in_threads,
+    instance,
+    reported,
+    result_for,
+    series_uid,
+)
 
 # Every series in these tests was last received at T0 (unless a test says
 # otherwise); sweeping with this cutoff finds them old enough.
@@ -48,11 +57,11 @@ def claim(store: JobStore, kind: JobKind) -> Job:
 
 
 def classify(store: JobStore, series: int, destinations: Sequence[str] = ("PACS",)) -> None:
-    """Complete the series and store its result; its send jobs stay queued."""
+    """Complete the series, store its result and write its SR; its send jobs stay queued."""
     (completed,) = store.complete_ready_series(AFTER, QUIET)
     assert completed.series_instance_uid == series_uid(series)
     job = claim(store, JobKind.INFER)
-    store.complete_inference(job.id, "w1", result_for(series, job.revision), destinations)
+    reported(store, job.id, "w1", result_for(series, job.revision), list(destinations))
 
 
 def send_all(store: JobStore) -> None:
@@ -150,6 +159,18 @@ def test_a_series_without_its_sr_keeps_the_instances(store: JobStore, inference:
     assert store.expire_instances(AFTER, AFTER) == []
 
 
+@pytest.mark.parametrize("report", ["queued", "running", "dead"])
+def test_a_result_whose_sr_is_not_written_keeps_the_instances(store: JobStore, report: str) -> None:
+    receive(store, 1)
+    store.complete_ready_series(AFTER, QUIET)
+    store.complete_inference(claim(store, JobKind.INFER).id, "w1", result_for(1, 1))
+    if report != "queued":
+        job = claim(store, JobKind.REPORT)
+        if report == "dead":
+            store.fail(job.id, "w1", "disk full", None)
+    assert store.expire_instances(AFTER, AFTER) == []
+
+
 def test_a_skipped_series_goes_after_the_retention_period(store: JobStore) -> None:
     store.record_instance(instance(1, 1, classifiable=False))
     assert store.expire_instances(AFTER, AFTER) == []  # open
@@ -177,7 +198,7 @@ def test_a_reopened_series_waits_for_its_new_revision(store: JobStore) -> None:
     assert store.expire_instances(later, later) == []
     job = claim(store, JobKind.INFER)
     assert job.revision == 2
-    store.complete_inference(job.id, "w1", result_for(1, 2), ["PACS"])
+    reported(store, job.id, "w1", result_for(1, 2), ["PACS"])
     assert store.expire_instances(later, later) == []
     send_all(store)
     assert len(store.expire_instances(later, later)) == 3
@@ -273,8 +294,8 @@ def test_concurrent_sweeps_hand_each_instance_to_one(store: JobStore) -> None:
         receive(store, n, count=5)
     store.complete_ready_series(AFTER, QUIET)
     while (job := store.claim(JobKind.INFER, "w1", 30)) is not None:
-        store.complete_inference(
-            job.id, "w1", result_for(int(job.series_instance_uid.rsplit(".", 1)[1]), 1), []
+        reported(
+            store, job.id, "w1", result_for(int(job.series_instance_uid.rsplit(".", 1)[1]), 1), []
         )
 
     def sweep(_: int) -> list[str]:
@@ -423,13 +444,17 @@ def test_the_files_of_a_delivered_series_go_and_its_history_stays(
         wait_for(destination.received, 120, "the SR")
         instances = node.storage_root / "instances"
         wait_for(lambda: not any(instances.iterdir()), 60, "the files and their folders to go")
-        assert [job["status"] for job in node.jobs()] == ["done", "done"]
+        assert [(job["kind"], job["status"]) for job in node.jobs()] == [
+            ("send", "done"),
+            ("report", "done"),
+            ("infer", "done"),
+        ]
         assert node.has_logged("retention deleted 3 instance file(s) of 1 delivered series")
 
         # The same series again: acknowledged, no file kept, nothing reported again.
         assert storescu(node.port, "PACSNODE", files).returncode == 0
         assert instance_files(node) == []
-        assert len(node.jobs()) == 2
+        assert len(node.jobs()) == 3
     rows = series_rows(node, files)
     assert len(rows) == 3 and all(row.removed_at is not None for row in rows)
     assert len(list((node.storage_root / "reports").rglob("*.dcm"))) == 1

@@ -20,6 +20,7 @@ from pacs_node.config import SeriesSettings
 from pacs_node.inference import SeriesClassifier
 from pacs_node.logs import FieldFormatter
 from pacs_node.report import ReportingNode
+from pacs_node.reporter import ReportStage
 from pacs_node.stage import Worker
 from pacs_node.storage import Storage
 from pacs_node.store import JobKind, JobStatus, JobStore
@@ -73,10 +74,19 @@ def infer_stage(
         Worker("test:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1),
         storage,
         SeriesClassifier(SlicePredictor(model, "cpu"), batch_size),
+        give_way=give_way,
+    )
+
+
+def report_stage(store: JobStore, storage: Storage, infer: InferenceStage) -> ReportStage:
+    return ReportStage(
+        store,
+        Worker("test:1:report", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1),
+        storage,
+        infer.manifest,
         ReportingNode(ae_title="TEST"),
         destinations=[],
         send_max_attempts=1,
-        give_way=give_way,
     )
 
 
@@ -92,7 +102,8 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
         # Complete by content 1.5 s after the last instance.
         assembler.sweep(now=T0 + timedelta(seconds=1.5))
         assert stage.run_once()
-    completed, classified = (
+        assert report_stage(store, storage, stage).run_once()
+    completed, classified, reported = (
         record
         for record in caplog.records
         if record.name in ("pacs_node.assembler", "pacs_node.stage")
@@ -101,13 +112,17 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
     assert logged_fields(completed)["wait_seconds"] == "1.50"
     assert classified.getMessage().startswith("series classified")
     timings = logged_fields(classified)
-    names = {"wait_seconds", "decode_seconds", "forward_seconds", "report_seconds", "seconds"}
+    names = {"wait_seconds", "decode_seconds", "forward_seconds", "seconds"}
     assert names <= timings.keys()
     assert timings["receiving_wait_seconds"] == "0.50"  # two batches of at most 2 slices
     # Logged to 0.01 s: a tiny model on ONNX Runtime may well take less.
     assert all(float(timings[name]) >= 0 for name in names)
     # The job was due at T0 + 1.5 s and claimed just now: its queue wait is that gap.
     assert float(timings["wait_seconds"]) > 0
+    assert reported.getMessage().startswith("SR written")
+    report_timings = logged_fields(reported)
+    assert {"wait_seconds", "report_seconds", "seconds"} <= report_timings.keys()
+    assert report_timings["action"] == "report"
 
 
 def test_the_lease_is_renewed_between_batches_once_a_quarter_of_it_has_passed(

@@ -31,6 +31,7 @@ from pacs_node.store import (
     JobStore,
     NewInstance,
     NewResult,
+    Result,
     SeriesState,
     ingest,
 )
@@ -117,6 +118,17 @@ def claimed_infer_job(store: JobStore, worker: str = "w1", lease: float = 30.0) 
     return job_id
 
 
+def reported(
+    store: JobStore, job_id: int, worker: str, result: NewResult, destinations: list[str]
+) -> Result:
+    """Complete a claimed INFER job with `result`, then its REPORT job, as the stages do."""
+    stored = store.complete_inference(job_id, worker, result)
+    report = store.claim(JobKind.REPORT, worker, 30)
+    assert report is not None and report.result_id == stored.id
+    store.complete_report(report.id, worker, destinations)
+    return stored
+
+
 def in_threads(count: int, work: Callable[[int], T]) -> list[T]:
     """Run `work(i)` in `count` threads released together; their results."""
     start = threading.Barrier(count)
@@ -149,7 +161,7 @@ def execute(url: str, statement: str, **params: Any) -> None:
 def test_migrations_run_from_empty_and_match_the_models(database_url: str) -> None:
     store = JobStore(database_url)
     try:
-        with pytest.raises(ConfigurationError, match=r"none.*expected 0003"):
+        with pytest.raises(ConfigurationError, match=r"none.*expected 0004"):
             store.check_schema()
         store.upgrade()
         store.check_schema()
@@ -593,7 +605,7 @@ def test_expired_lease_is_reaped_and_the_old_worker_loses_the_job(store: JobStor
     assert reclaimed is not None and (reclaimed.id, reclaimed.attempts) == (job_id, 2)
     assert not store.heartbeat(job_id, "w1", 30)
     with pytest.raises(LeaseLostError):
-        store.complete_inference(job_id, "w1", result_for(0, 1), ["PACS"])
+        store.complete_inference(job_id, "w1", result_for(0, 1))
     with pytest.raises(LeaseLostError):
         store.fail(job_id, "w1", "late failure", None)
     assert store.results_for_series(series_uid(0)) == []
@@ -663,43 +675,73 @@ def test_retry_revives_a_dead_job(store: JobStore) -> None:
         store.retry(job_id + 1000)
 
 
-def test_complete_inference_fans_out_sends_and_is_idempotent(
+def test_complete_inference_queues_one_report_job_and_is_idempotent(
     store: JobStore, database_url: str
 ) -> None:
     job_id = claimed_infer_job(store)
-    result = store.complete_inference(job_id, "w1", result_for(0, 1), ["PACS", "ARCHIVE", "PACS"])
+    result = store.complete_inference(job_id, "w1", result_for(0, 1))
     assert result == store.get_result(result.id)
     assert (result.revision, result.label, result.probabilities["benign"]) == (1, "benign", 0.7)
     assert result.slices == result_for(0, 1).slices
     done = store.get_job(job_id)
     assert done is not None and done.status is JobStatus.DONE
     assert events(store, job_id)[-1] == "done"
-    sends = store.list_jobs(kind=JobKind.SEND)
-    assert sorted((job.destination, job.result_id, job.revision) for job in sends) == [
-        ("ARCHIVE", result.id, 1),
-        ("PACS", result.id, 1),
-    ]
+    (report,) = store.list_jobs(kind=JobKind.REPORT)
+    assert (report.status, report.result_id, report.revision, report.max_attempts) == (
+        JobStatus.QUEUED,
+        result.id,
+        1,
+        done.max_attempts,
+    )
+    assert store.list_jobs(kind=JobKind.SEND) == []  # no SR to send yet
 
     # A worker that completes the same inference again (say, after a commit
     # whose answer was lost) gets the stored result, and nothing doubles.
     execute(database_url, "UPDATE jobs SET status = 'running' WHERE id = :id", id=job_id)
-    again = store.complete_inference(job_id, "w1", result_for(0, 1), ["PACS", "ARCHIVE"])
+    again = store.complete_inference(job_id, "w1", result_for(0, 1))
     assert again == result
     assert store.results_for_series(series_uid(0)) == [result]
-    assert len(store.list_jobs(kind=JobKind.SEND)) == 2
+    assert store.list_jobs(kind=JobKind.REPORT) == [report]
 
 
 def test_complete_inference_rejects_a_result_for_another_revision(store: JobStore) -> None:
     job_id = claimed_infer_job(store)
     with pytest.raises(PermanentError, match="revision"):
-        store.complete_inference(job_id, "w1", result_for(0, 2), ["PACS"])
+        store.complete_inference(job_id, "w1", result_for(0, 2))
     job = store.get_job(job_id)
     assert job is not None and job.status is JobStatus.RUNNING
+    assert store.list_jobs(kind=JobKind.REPORT) == []
+
+
+def test_complete_report_fans_out_sends_and_is_idempotent(
+    store: JobStore, database_url: str
+) -> None:
+    job_id = claimed_infer_job(store)
+    result = store.complete_inference(job_id, "w1", result_for(0, 1))
+    with pytest.raises(PermanentError, match="infer job, not report"):
+        store.complete_report(job_id, "w1", ["PACS"])
+    report = store.claim(JobKind.REPORT, "reporter", 30)
+    assert report is not None
+    with pytest.raises(LeaseLostError):
+        store.complete_report(report.id, "someone-else", ["PACS"])
+    assert store.list_jobs(kind=JobKind.SEND) == []
+    done = store.complete_report(report.id, "reporter", ["PACS", "ARCHIVE", "PACS"], 7)
+    assert done.status is JobStatus.DONE
+    assert events(store, report.id)[-1] == "done"
+    sends = store.list_jobs(kind=JobKind.SEND)
+    assert sorted(
+        (job.destination, job.result_id, job.revision, job.max_attempts) for job in sends
+    ) == [
+        ("ARCHIVE", result.id, 1, 7),
+        ("PACS", result.id, 1, 7),
+    ]
+    execute(database_url, "UPDATE jobs SET status = 'running' WHERE id = :id", id=report.id)
+    store.complete_report(report.id, "reporter", ["PACS", "ARCHIVE"])
+    assert len(store.list_jobs(kind=JobKind.SEND)) == 2
 
 
 def test_complete_send(store: JobStore) -> None:
-    job_id = claimed_infer_job(store)
-    store.complete_inference(job_id, "w1", result_for(0, 1), ["PACS"])
+    reported(store, claimed_infer_job(store), "w1", result_for(0, 1), ["PACS"])
     send = store.claim(JobKind.SEND, "sender", 30)
     assert send is not None and send.destination == "PACS"
     with pytest.raises(LeaseLostError):
@@ -716,16 +758,21 @@ def test_results_by_revision(store: JobStore) -> None:
     store.complete_ready_series(T0 + timedelta(seconds=QUIET), QUIET)
     first = store.claim(JobKind.INFER, "w1", 30)
     assert first is not None
-    one = store.complete_inference(first.id, "w1", result_for(1, 1), [])
+    one = reported(store, first.id, "w1", result_for(1, 1), [])
     later = T0 + timedelta(minutes=5)
     store.record_instance(instance(1, 2, at=later))
     store.complete_ready_series(later + timedelta(seconds=QUIET), QUIET)
     second = store.claim(JobKind.INFER, "w1", 30)
     assert second is not None and second.revision == 2
-    two = store.complete_inference(second.id, "w1", result_for(1, 2), [])
+    two = store.complete_inference(second.id, "w1", result_for(1, 2))
 
     assert store.results_for_series(series_uid(1)) == [one, two]
     assert store.previous_result(series_uid(1), "1.0.0", before_revision=2) == one
+    # Revision 2's SR is not written yet: a report of revision 3 supersedes revision 1's.
+    assert store.previous_result(series_uid(1), "1.0.0", before_revision=3) == one
+    report = store.claim(JobKind.REPORT, "w1", 30)
+    assert report is not None and report.result_id == two.id
+    store.complete_report(report.id, "w1", [])
     assert store.previous_result(series_uid(1), "1.0.0", before_revision=3) == two
     assert store.previous_result(series_uid(1), "1.0.0", before_revision=1) is None
     assert store.previous_result(series_uid(1), "2.0.0", before_revision=3) is None

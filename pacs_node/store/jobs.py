@@ -182,14 +182,9 @@ def retry(session: Session, job_id: int, now: datetime) -> Job:
 
 
 def complete_inference(
-    session: Session,
-    job_id: int,
-    worker_id: str,
-    result: NewResult,
-    destinations: Sequence[str],
-    max_attempts: int,
-    now: datetime,
+    session: Session, job_id: int, worker_id: str, result: NewResult, now: datetime
 ) -> Result:
+    """Store the result and queue its REPORT job, which inherits the job's attempts."""
     job = _held_job(session, job_id, worker_id, JobKind.INFER)
     if (result.series_instance_uid, result.revision) != (job.series_instance_uid, job.revision):
         raise PermanentError(
@@ -209,6 +204,29 @@ def complete_inference(
             ResultRow.revision == result.revision,
         )
     ).one()
+    enqueue(
+        session,
+        JobKind.REPORT,
+        job.series_instance_uid,
+        job.revision,
+        now,
+        job.max_attempts,
+        result_id=stored.id,
+    )
+    _finish(session, job, now, f"result {stored.id}" + ("" if inserted_id else " (already stored)"))
+    return stored.to_record()
+
+
+def complete_report(
+    session: Session,
+    job_id: int,
+    worker_id: str,
+    destinations: Sequence[str],
+    max_attempts: int,
+    now: datetime,
+) -> Job:
+    """The SR is written: queue one SEND job per destination."""
+    job = _held_job(session, job_id, worker_id, JobKind.REPORT)
     for destination in dict.fromkeys(destinations):
         enqueue(
             session,
@@ -217,11 +235,11 @@ def complete_inference(
             job.revision,
             now,
             max_attempts,
-            result_id=stored.id,
+            result_id=job.result_id,
             destination=destination,
         )
-    _finish(session, job, now, f"result {stored.id}" + ("" if inserted_id else " (already stored)"))
-    return stored.to_record()
+    _finish(session, job, now, f"SR of result {job.result_id} written")
+    return job.to_record()
 
 
 def complete_send(session: Session, job_id: int, worker_id: str, now: datetime) -> Job:

@@ -10,7 +10,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
-from sqlalchemy import func, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from pacs_node.errors import ConfigurationError
@@ -149,19 +149,19 @@ class JobStore:
         with self._transaction(write=True) as session:
             return jobs.retry(session, job_id, _utcnow())
 
-    def complete_inference(
-        self,
-        job_id: int,
-        worker_id: str,
-        result: NewResult,
-        destinations: Sequence[str],
-        max_attempts: int = 5,
-    ) -> Result:
-        """Store the result, queue one SEND job per destination, finish the INFER job."""
+    def complete_inference(self, job_id: int, worker_id: str, result: NewResult) -> Result:
+        """Store the result, queue its REPORT job, finish the INFER job."""
+        with self._transaction(write=True) as session:
+            return jobs.complete_inference(session, job_id, worker_id, result, _utcnow())
+
+    def complete_report(
+        self, job_id: int, worker_id: str, destinations: Sequence[str], max_attempts: int = 5
+    ) -> Job:
+        """The SR is written: queue one SEND job per destination, finish the REPORT job."""
         _check_positive("max_attempts", max_attempts)
         with self._transaction(write=True) as session:
-            return jobs.complete_inference(
-                session, job_id, worker_id, result, destinations, max_attempts, _utcnow()
+            return jobs.complete_report(
+                session, job_id, worker_id, destinations, max_attempts, _utcnow()
             )
 
     def complete_send(self, job_id: int, worker_id: str) -> Job:
@@ -250,13 +250,21 @@ class JobStore:
     def previous_result(
         self, series_instance_uid: str, model_version: str, before_revision: int
     ) -> Result | None:
-        """The latest result of an earlier revision: the report a new one supersedes."""
+        """The latest result of an earlier revision whose SR is written: the report a
+        new one supersedes. (A result whose REPORT job is not done has no SR yet, and
+        may never have one; results stored before report jobs existed have theirs.)"""
+        unwritten = exists().where(
+            JobRow.kind == JobKind.REPORT,
+            JobRow.result_id == ResultRow.id,
+            JobRow.status != JobStatus.DONE,
+        )
         query = (
             select(ResultRow)
             .where(
                 ResultRow.series_instance_uid == series_instance_uid,
                 ResultRow.model_version == model_version,
                 ResultRow.revision < before_revision,
+                ~unwritten,
             )
             .order_by(ResultRow.revision.desc())
             .limit(1)

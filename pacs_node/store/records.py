@@ -20,7 +20,9 @@ class TextEnum(str, Enum):
 
 
 class JobKind(TextEnum):
+    # In pipeline order: classify a series revision, write its SR, send the SR.
     INFER = "infer"
+    REPORT = "report"
     SEND = "send"
 
 
@@ -113,7 +115,7 @@ class Job:
     status: JobStatus
     series_instance_uid: str
     revision: int
-    # SEND jobs: the result to send and where to.
+    # REPORT jobs: the result to write the SR of; SEND jobs: the result to send and where to.
     result_id: int | None
     destination: str | None
     attempts: int
@@ -150,6 +152,8 @@ class NewResult:
     slices: list[dict[str, Any]]
     # SOP Instance UIDs of the slices that drove the decision.
     evidence: list[str]
+    # The SR's UIDs and file are known before it is written (derived from the
+    # series, model version and revision); the REPORT job writes it there.
     sr_sop_instance_uid: str
     sr_series_instance_uid: str
     # Relative to the storage root.

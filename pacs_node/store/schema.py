@@ -234,8 +234,8 @@ class JobRow(Base):
         Index(None, "status", "lease_until"),
         # Retention: the jobs of a series revision.
         Index(None, "series_instance_uid", "revision"),
-        # At most one inference per series revision, and one send per result
-        # and destination, however many sweepers or workers race.
+        # At most one inference per series revision, one report per result and
+        # one send per result and destination, however many sweepers or workers race.
         Index(
             "uq_jobs_infer_series_revision",
             "series_instance_uid",
@@ -243,6 +243,13 @@ class JobRow(Base):
             unique=True,
             sqlite_where=text("kind = 'infer'"),
             postgresql_where=text("kind = 'infer'"),
+        ),
+        Index(
+            "uq_jobs_report_result",
+            "result_id",
+            unique=True,
+            sqlite_where=text("kind = 'report'"),
+            postgresql_where=text("kind = 'report'"),
         ),
         Index(
             "uq_jobs_send_result_destination",

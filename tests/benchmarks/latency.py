@@ -15,10 +15,12 @@ node records right after the destination answered the SR's C-STORE. A
 Where the time goes, from the job events and the node's log fields:
 assembly wait (last response -> inference job queued), queue wait (queued
 -> claimed), decode (the model waiting for decoded slices), forward (the
-forward passes), report (SR built, written, result committed), receiving wait
-(the infer process giving way to C-STOREs between batches), other infer
-(the rest of the inference job), send wait (inference done -> send job
-claimed), send (association, C-STORE, release, commit).
+forward passes), receiving wait (the infer process giving way to C-STOREs
+between batches), other infer (the rest of the inference job, the result
+committed included), report wait (inference done -> report job claimed),
+report (the report job: SR built and written, sends queued), send wait
+(report done -> send job claimed), send (association, C-STORE, release,
+commit).
 """
 
 from __future__ import annotations
@@ -42,9 +44,10 @@ STAGES = (
     "queue wait",
     "decode",
     "forward",
-    "report",
     "receiving wait",
     "other infer",
+    "report wait",
+    "report",
     "send wait",
     "send",
 )
@@ -78,22 +81,28 @@ def one_job(store: JobStore, kind: JobKind, uid: str) -> Job:
 def stage_seconds(
     node: NodeProcess, store: JobStore, uid: str, last_response: float
 ) -> dict[str, float]:
-    infer, send = one_job(store, JobKind.INFER, uid), one_job(store, JobKind.SEND, uid)
+    infer, report = one_job(store, JobKind.INFER, uid), one_job(store, JobKind.REPORT, uid)
+    send = one_job(store, JobKind.SEND, uid)
     queued, claimed, inferred = (event_time(store, infer, e) for e in ("queued", "claimed", "done"))
+    report_claimed, reported = (
+        event_time(store, report, "claimed"),
+        event_time(store, report, "done"),
+    )
     send_claimed, delivered = event_time(store, send, "claimed"), event_time(store, send, "done")
     fields = logged_seconds(node, "series classified", uid)
-    decode, forward, report, waited = (
-        fields[f"{name}_seconds"] for name in ("decode", "forward", "report", "receiving_wait")
+    decode, forward, waited = (
+        fields[f"{name}_seconds"] for name in ("decode", "forward", "receiving_wait")
     )
     return {
         "assembly wait": queued - last_response,
         "queue wait": claimed - queued,
         "decode": decode,
         "forward": forward,
-        "report": report,
         "receiving wait": waited,
-        "other infer": inferred - claimed - decode - forward - report - waited,
-        "send wait": send_claimed - inferred,
+        "other infer": inferred - claimed - decode - forward - waited,
+        "report wait": report_claimed - inferred,
+        "report": reported - report_claimed,
+        "send wait": send_claimed - reported,
         "send": delivered - send_claimed,
         "total": delivered - last_response,
     }

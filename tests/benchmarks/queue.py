@@ -5,15 +5,18 @@
 
 The node's own `InferenceStage` takes queued infer jobs from a SQLite job store
 until none is left. For each series it reads the rows, reads the slices
-through the layouts a receiver would have recorded, classifies them, and
-renews its lease when due. It writes the SR (fsynced), and commits the result
-and the job's end. So it measures more of the stage than `tests.benchmarks.inference`,
-whose stage is one series' classification and SR, with no job store. The
-reference is the node's forward pass alone on the first series' slices as
-ready tensors, same batch size, same lanes, same process, measured in each round. Then
-where a series' time went, from the stage's own log fields: waiting for decoded
-slices, for the forward passes, the report (SR built, written, result committed),
-and the rest (rows, headers, aggregation). The last line is the ratio.
+through the layouts a receiver would have recorded, classifies them, renews
+its lease when due, and commits the result, its REPORT job and the job's end.
+So it measures more of the stage than `tests.benchmarks.inference`, whose
+stage is one series' classification, with no job store. Then the same queue
+as the node runs it: the `ReportStage` in a thread of its own beside the infer
+stage (as in an infer process), writing each SR (fsynced) and queueing its
+sends, timed until the last SR is written. The reference is the node's
+forward pass alone on the first series' slices as ready tensors, same batch
+size, same lanes, same process, measured in each round. Then where a series'
+time went, from the stages' own log fields: waiting for decoded slices, for
+the forward passes, the rest of the infer job (rows, headers, aggregation,
+the commit), and the report job. The last lines are the ratios.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import logging
 import shutil
 import statistics
 import tempfile
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -37,7 +41,8 @@ from models.preprocessing import input_from_dataset
 from pacs_node.config import BUNDLED_MODEL, IntakeSettings
 from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
 from pacs_node.receiver import read_instance
-from pacs_node.stage import Worker
+from pacs_node.reporter import ReportStage
+from pacs_node.stage import JobStage, Worker
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore, NewInstance
 from pacs_node.worker import InferenceStage
@@ -100,28 +105,36 @@ def first_series_batches(
 
 
 class StageSplit(logging.Handler):
-    """The seconds of each series, from the infer stage's own log line (`Done`)."""
+    """The seconds of each series, from the stages' own log lines (`Done`)."""
 
-    FIELDS = ("decode_seconds", "forward_seconds", "report_seconds", "seconds")
+    INFER_FIELDS = ("decode_seconds", "forward_seconds", "seconds")
 
     def __init__(self) -> None:
         super().__init__()
         self.series: list[dict[str, float]] = []
+        self.reports: list[float] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if hasattr(record, "forward_seconds"):
-            self.series.append({name: float(getattr(record, name)) for name in self.FIELDS})
+            self.series.append({name: float(getattr(record, name)) for name in self.INFER_FIELDS})
+        elif hasattr(record, "report_seconds"):
+            self.reports.append(float(record.report_seconds))
+
+    def clear(self) -> None:
+        self.series.clear()
+        self.reports.clear()
 
     def summary(self) -> str:
         def median(name: str) -> float:
             return statistics.median(entry[name] for entry in self.series)
 
-        parts = {name: median(f"{name}_seconds") for name in ("decode", "forward", "report")}
+        parts = {name: median(f"{name}_seconds") for name in ("decode", "forward")}
         total = median("seconds")
         words = ", ".join(f"{name} {value:.2f}" for name, value in parts.items())
         return (
             f"per series, medians of {len(self.series)} (s): {words}, "
-            f"other {total - sum(parts.values()):.2f}, in all {total:.2f}"
+            f"other {total - sum(parts.values()):.2f}, infer job {total:.2f}; "
+            f"report job {statistics.median(self.reports):.2f}"
         )
 
 
@@ -132,12 +145,46 @@ def print_rates(rows: dict[str, list[float]], width: int) -> None:
         print(f"{name:<{width}} {statistics.median(rates):8.1f} slices/s ({per_round})")
 
 
-def drain(stage: InferenceStage) -> int:
+def drain(stage: JobStage) -> int:
     """Run the stage until the queue is empty; the jobs it took."""
     jobs = 0
     while stage.run_once():
         jobs += 1
     return jobs
+
+
+def drain_beside(infer: InferenceStage, report: ReportStage, series: int) -> None:
+    """Both stages as an infer process runs them: the reports in a thread of their own,
+    which looks for work every 2 ms (the node wakes it instead); until every SR is written."""
+    reported = 0
+
+    def reporting() -> None:
+        nonlocal reported
+        while reported < series:
+            if report.run_once():
+                reported += 1
+            else:
+                time.sleep(0.002)
+
+    thread = threading.Thread(target=reporting)
+    thread.start()
+    drain(infer)
+    thread.join()
+
+
+def stages(
+    store: JobStore, storage: Storage, classifier: SeriesClassifier
+) -> tuple[InferenceStage, ReportStage]:
+    def worker(stage: str) -> Worker:
+        return Worker(
+            f"bench:1:{stage}", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1
+        )
+
+    manifest = classifier.predictor.manifest
+    return (
+        InferenceStage(store, worker("infer"), storage, classifier),
+        ReportStage(store, worker("report"), storage, manifest, REPORTING_NODE, [], 1),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -161,44 +208,52 @@ def main(argv: list[str] | None = None) -> int:
         classifier = SeriesClassifier(predictor, arguments.batch_size, arguments.decode_threads)
         size = arguments.batch_size
         batches = first_series_batches(root / "var", instances, arguments.slices, predictor, size)
-        worker = Worker(
-            "bench:1:infer", lease_seconds=60, retry_base_seconds=1, retry_max_seconds=1
-        )
         split = StageSplit()
         stage_log = logging.getLogger("pacs_node.stage")
         stage_log.setLevel(logging.INFO)
         stage_log.addHandler(split)
-        stage_rates, model_rates = [], []
+        stage_rates, both_rates, model_rates = [], [], []
         total = arguments.series * arguments.slices
         for round_number in range(arguments.rounds + 1):  # round 0 warms up, uncounted
             store = queued_store(root / f"store-{round_number}.db", instances)
-            stage = InferenceStage(
-                store, worker, storage, classifier, REPORTING_NODE, [], send_max_attempts=1
-            )
+            stage, report = stages(store, storage, classifier)
             started = time.perf_counter()
             jobs = drain(stage)
             elapsed = time.perf_counter() - started
             store.close()
             if jobs != arguments.series:
                 raise RuntimeError(f"{jobs} jobs done of {arguments.series}")
+            store = queued_store(root / f"store-{round_number}-both.db", instances)
+            stage, report = stages(store, storage, classifier)
+            started = time.perf_counter()
+            drain_beside(stage, report, arguments.series)
+            both_elapsed = time.perf_counter() - started
+            store.close()
             timing = node_model_only(predictor, batches)
             if round_number:
                 stage_rates.append(total / elapsed)
+                both_rates.append(total / both_elapsed)
                 model_rates.append(arguments.slices / timing.seconds)
             else:
-                split.series.clear()
+                split.clear()
         print(
             f"{arguments.series} series of {arguments.slices} slices, {predictor.device}, "
             f"batch {size}, {arguments.decode_threads} decode threads, {predictor.lanes} lanes, "
             f"{arguments.rounds} rounds (medians; per round in brackets)"
         )
-        print_rates({f"{NODE}, model only": model_rates, "stage": stage_rates}, width=40)
+        rows = {
+            f"{NODE}, model only": model_rates,
+            "infer stage": stage_rates,
+            "infer + report stages, as the node": both_rates,
+        }
+        print_rates(rows, width=40)
         print(split.summary())
-        ratios = [a / b for a, b in zip(stage_rates, model_rates, strict=True)]
-        print(
-            f"ratio stage/model-only: {statistics.median(ratios):.2f} "
-            f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
-        )
+        for name, rates in (("infer stage", stage_rates), ("infer + report", both_rates)):
+            ratios = [a / b for a, b in zip(rates, model_rates, strict=True)]
+            print(
+                f"ratio {name}/model-only: {statistics.median(ratios):.2f} "
+                f"(per round: {', '.join(f'{ratio:.2f}' for ratio in ratios)})"
+            )
     return 0
 
 
