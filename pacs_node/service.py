@@ -7,8 +7,8 @@ series that completes is picked up at once instead of at the next poll. A
 processes, and more receiving ones where dicom.receive_processes gives more
 than one (its "auto" does from 8 cores on); one that only infers is the first
 of its infer processes (see `stage_process`). Each infer process takes the
-report jobs too, each in a thread of its own (woken by its own infer jobs): a
-report names the model that classified, and only those processes load it.
+report jobs too, before its next infer job: a report names the model that
+classified, and only those processes load it.
 Every process also runs the
 periodic work (series completion sweep, lease reaper, retention): all are safe
 to run from many processes at once.
@@ -48,7 +48,7 @@ from pacs_node.reception import Reception
 from pacs_node.report import reporting_node
 from pacs_node.retention import Retention
 from pacs_node.sender import SendStage
-from pacs_node.stage import Worker
+from pacs_node.stage import Worker, first_with_work
 from pacs_node.stage_process import (
     ModelInfo,
     PipeWake,
@@ -164,8 +164,6 @@ class Node:
         self._infer_wake, self._send_wake = (
             wakes or self._shared_wakes or (threading.Event(), threading.Event())
         )
-        # Report jobs are made and taken in the infer processes (see `_start`).
-        self._report_wake = threading.Event()
         self.model: ModelInfo | None = None
         self._threads: list[threading.Thread] = []
         self._scheduler = BackgroundScheduler(timezone="UTC")
@@ -293,11 +291,15 @@ class Node:
                 [destination.key for destination in settings.results.destinations],
                 send_max_attempts=settings.results.max_attempts,
             )
+            # One thread, a series' SR before the next series' classification: with
+            # the reports in a thread beside it, the forward lanes waited for the GIL
+            # and a queue of series went at 0.48-0.55 of the model, against 0.60-0.64
+            # in one thread (tests/benchmarks/README.md, session 21).
             self._add_loop(
-                "infer", infer.run_once, self._infer_wake, after_work=self._report_wake.set
-            )
-            self._add_loop(
-                "report", report.run_once, self._report_wake, after_work=self._send_wake.set
+                "infer",
+                first_with_work(report, infer),
+                self._infer_wake,
+                after_work=self._send_wake.set,
             )
         if "send" in self.stages:
             send = SendStage(
@@ -441,7 +443,6 @@ class Node:
         """Stop accepting, let running jobs finish their current step, close."""
         self._stopping.set()
         self._infer_wake.set()
-        self._report_wake.set()
         self._send_wake.set()
         if self.receiver is not None:
             self.receiver.stop()

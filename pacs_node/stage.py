@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
@@ -106,3 +106,9 @@ class JobStage(ABC):
         """Extend the lease during long work; raise if another worker took the job."""
         if not self.store.heartbeat(job.id, self.worker.worker_id, self.worker.lease_seconds):
             raise LeaseLostError(f"lease on job {job.id} expired")
+
+
+def first_with_work(*stages: JobStage) -> Callable[[], bool]:
+    """One step of stages that share a thread: the first of them with a job due runs
+    it; False when none had one."""
+    return lambda: any(stage.run_once() for stage in stages)

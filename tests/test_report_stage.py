@@ -15,6 +15,7 @@ import pytest
 from pacs_node.assembler import Assembler
 from pacs_node.config import SeriesSettings
 from pacs_node.report import read_report
+from pacs_node.stage import first_with_work
 from pacs_node.storage import Storage
 from pacs_node.store import JobKind, JobStatus, JobStore
 from pacs_node.worker import InferenceStage
@@ -122,3 +123,32 @@ def test_a_result_of_another_model_is_not_reported_under_this_ones_name(
     assert job.status is JobStatus.DEAD
     assert "this process runs" in (job.last_error or "")
     assert store.list_jobs(kind=JobKind.SEND) == []
+
+
+def test_an_infer_process_writes_each_sr_before_it_classifies_the_next_series(
+    tmp_path: Path, store: JobStore, tiny_model: Path
+) -> None:
+    storage = Storage(tmp_path / "var", fsync=False)
+    for name in ("first", "second"):
+        receive(store, storage, renamed_series(chest_ct(), tmp_path / name, 3, suffix=name))
+    Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=3).sweep(
+        now=T0 + timedelta(seconds=1)
+    )
+    infer = infer_stage(store, storage, tiny_model, batch_size=2)
+    step = first_with_work(report_stage(store, storage, infer), infer)  # as `serve` runs them
+    assert [step() for _ in range(5)] == [True, True, True, True, False]
+    jobs = {job.id: job for job in store.list_jobs()}
+    claims = sorted(
+        (event.id, jobs[job_id].kind, jobs[job_id].series_instance_uid)
+        for job_id in jobs
+        for event in store.job_events(job_id)
+        if event.event == "claimed"
+    )
+    first, second = (claims[0][2], claims[2][2])
+    assert [(kind, uid) for _, kind, uid in claims] == [
+        (JobKind.INFER, first),
+        (JobKind.REPORT, first),
+        (JobKind.INFER, second),
+        (JobKind.REPORT, second),
+    ]
+    assert first != second

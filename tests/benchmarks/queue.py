@@ -9,9 +9,9 @@ through the layouts a receiver would have recorded, classifies them, renews
 its lease when due, and commits the result, its REPORT job and the job's end.
 So it measures more of the stage than `tests.benchmarks.inference`, whose
 stage is one series' classification, with no job store. Then the same queue
-as the node runs it: the `ReportStage` in a thread of its own beside the infer
-stage (as in an infer process), writing each SR (fsynced) and queueing its
-sends, timed until the last SR is written. The reference is the node's
+as an infer process runs it: in one thread, each series' report job (the SR
+built and written, fsynced, its sends queued) before the next infer job,
+timed until the last SR is written. The reference is the node's
 forward pass alone on the first series' slices as ready tensors, same batch
 size, same lanes, same process, measured in each round. Then where a series'
 time went, from the stages' own log fields: waiting for decoded slices, for
@@ -27,8 +27,8 @@ import logging
 import shutil
 import statistics
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -42,7 +42,7 @@ from pacs_node.config import BUNDLED_MODEL, IntakeSettings
 from pacs_node.inference import SeriesClassifier, settle_long_lived_objects
 from pacs_node.receiver import read_instance
 from pacs_node.reporter import ReportStage
-from pacs_node.stage import JobStage, Worker
+from pacs_node.stage import Worker, first_with_work
 from pacs_node.storage import Storage
 from pacs_node.store import JobStore, NewInstance
 from pacs_node.worker import InferenceStage
@@ -145,31 +145,12 @@ def print_rates(rows: dict[str, list[float]], width: int) -> None:
         print(f"{name:<{width}} {statistics.median(rates):8.1f} slices/s ({per_round})")
 
 
-def drain(stage: JobStage) -> int:
-    """Run the stage until the queue is empty; the jobs it took."""
+def drain(step: Callable[[], bool]) -> int:
+    """Run `step` until it finds no job; the jobs it took."""
     jobs = 0
-    while stage.run_once():
+    while step():
         jobs += 1
     return jobs
-
-
-def drain_beside(infer: InferenceStage, report: ReportStage, series: int) -> None:
-    """Both stages as an infer process runs them: the reports in a thread of their own,
-    which looks for work every 2 ms (the node wakes it instead); until every SR is written."""
-    reported = 0
-
-    def reporting() -> None:
-        nonlocal reported
-        while reported < series:
-            if report.run_once():
-                reported += 1
-            else:
-                time.sleep(0.002)
-
-    thread = threading.Thread(target=reporting)
-    thread.start()
-    drain(infer)
-    thread.join()
 
 
 def stages(
@@ -218,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             store = queued_store(root / f"store-{round_number}.db", instances)
             stage, report = stages(store, storage, classifier)
             started = time.perf_counter()
-            jobs = drain(stage)
+            jobs = drain(stage.run_once)
             elapsed = time.perf_counter() - started
             store.close()
             if jobs != arguments.series:
@@ -226,8 +207,10 @@ def main(argv: list[str] | None = None) -> int:
             store = queued_store(root / f"store-{round_number}-both.db", instances)
             stage, report = stages(store, storage, classifier)
             started = time.perf_counter()
-            drain_beside(stage, report, arguments.series)
+            jobs = drain(first_with_work(report, stage))
             both_elapsed = time.perf_counter() - started
+            if jobs != 2 * arguments.series:
+                raise RuntimeError(f"{jobs} jobs done of {2 * arguments.series}")
             store.close()
             timing = node_model_only(predictor, batches)
             if round_number:
