@@ -5,34 +5,23 @@ backends (the `store` fixture), as the result's JSON comes back from either."""
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pydicom
 import pytest
 
-from pacs_node.assembler import Assembler
-from pacs_node.config import SeriesSettings
 from pacs_node.report import read_report
 from pacs_node.stage import first_with_work
-from pacs_node.storage import Storage
 from pacs_node.store import JobKind, JobStatus, JobStore
 from pacs_node.worker import InferenceStage
-from tests.dicom_data import renamed_series
-from tests.peers import chest_ct
-from tests.test_stage_timings import infer_stage, receive, report_stage
-from tests.test_store import T0
+from tests.test_stage_timings import infer_stage, queued_series, report_stage
 
 
 @pytest.fixture
 def classified(tmp_path: Path, store: JobStore, tiny_model: Path) -> InferenceStage:
     """A 3-slice chest CT received, completed and classified: its REPORT job queued."""
-    storage = Storage(tmp_path / "var", fsync=False)
-    receive(store, storage, renamed_series(chest_ct(), tmp_path / "series", count=3))
-    Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=3).sweep(
-        now=T0 + timedelta(seconds=1)
-    )
+    storage = queued_series(store, tmp_path, ["series"])
     stage = infer_stage(store, storage, tiny_model, batch_size=2)
     assert stage.run_once()
     return stage
@@ -128,12 +117,7 @@ def test_a_result_of_another_model_is_not_reported_under_this_ones_name(
 def test_an_infer_process_writes_each_sr_before_it_classifies_the_next_series(
     tmp_path: Path, store: JobStore, tiny_model: Path
 ) -> None:
-    storage = Storage(tmp_path / "var", fsync=False)
-    for name in ("first", "second"):
-        receive(store, storage, renamed_series(chest_ct(), tmp_path / name, 3, suffix=name))
-    Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=3).sweep(
-        now=T0 + timedelta(seconds=1)
-    )
+    storage = queued_series(store, tmp_path, ["first", "second"])
     infer = infer_stage(store, storage, tiny_model, batch_size=2)
     step = first_with_work(report_stage(store, storage, infer), infer)  # as `serve` runs them
     assert [step() for _ in range(5)] == [True, True, True, True, False]

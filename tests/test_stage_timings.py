@@ -62,6 +62,17 @@ def receive(store: JobStore, storage: Storage, files: list[Path]) -> None:
         )
 
 
+def queued_series(store: JobStore, tmp_path: Path, names: list[str]) -> Storage:
+    """A 3-slice chest CT series per name, received, completed and queued for inference."""
+    storage = Storage(tmp_path / "var", fsync=False)
+    for name in names:
+        receive(store, storage, renamed_series(chest_ct(), tmp_path / name, 3, suffix=name))
+    Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=3).sweep(
+        now=T0 + timedelta(seconds=1)
+    )
+    return storage
+
+
 def infer_stage(
     store: JobStore,
     storage: Storage,
@@ -128,12 +139,7 @@ def test_the_completion_and_the_inference_log_where_the_seconds_went(
 def test_the_lease_is_renewed_between_batches_once_a_quarter_of_it_has_passed(
     tmp_path: Path, store: JobStore, tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    storage = Storage(tmp_path / "var", fsync=False)
-    for name in ("first", "second"):
-        receive(store, storage, renamed_series(chest_ct(), tmp_path / name, 3, suffix=name))
-    Assembler(store, SeriesSettings(quiet_seconds=60), max_attempts=3).sweep(
-        now=T0 + timedelta(seconds=1)
-    )
+    storage = queued_series(store, tmp_path, ["first", "second"])
     stage = infer_stage(store, storage, tiny_model, batch_size=1)  # three batches a series
     renewals: list[int] = []
     heartbeat = store.heartbeat
