@@ -7,8 +7,9 @@ Each run starts `pacs-node serve --stages infer` with inference.processes = N
 (every other setting the node's own choice for this host: lanes, decode threads,
 each process's share of the cores) on a new SQLite job store, waits until it
 is ready, then queues `--series` stored series of `--slices` uncompressed
-slices at once. The rate is their slices over the time from the first job
-claimed to the last job done, from the job events. Runs alternate between the
+slices at once. The rate is their slices over the time from the first infer
+job claimed to the last report job done (the last SR written), from the job
+events. Runs alternate between the
 process counts. The reference is the node's forward pass alone (one process,
 all the cores, its own lanes) on the first series' slices as ready tensors,
 measured in this process before each round. Each run prints its figures as
@@ -43,8 +44,8 @@ from tests.processes import NodeProcess
 def classify_queue(
     root: Path, instances: list[NewInstance], series: int, processes: int, device: str, run: int
 ) -> tuple[float, list[float]]:
-    """Seconds from the first claim to the last job done, with `processes` infer
-    processes; and each series' seconds from the stage's log line."""
+    """Seconds from the first infer job claimed to the last report job done, with
+    `processes` infer processes; and each series' seconds from the infer stage's log line."""
     node = NodeProcess(
         root / "var",
         BUNDLED_MODEL,
@@ -68,15 +69,18 @@ def classify_queue(
     try:
         store = queued_store(root / f"run-{run}.sqlite3", instances)
         wait_for(
-            lambda: len(store.list_jobs(JobStatus.DONE, JobKind.INFER, limit=1000)) == series,
+            lambda: len(store.list_jobs(JobStatus.DONE, JobKind.REPORT, limit=1000)) == series,
             1800,
-            f"{series} infer jobs done",
+            f"{series} series classified and reported",
         )
         jobs = store.list_jobs(kind=JobKind.INFER, limit=1000)
-        if len(jobs) != series:
-            raise RuntimeError(f"{len(jobs)} infer jobs for {series} series")
+        reports = store.list_jobs(kind=JobKind.REPORT, limit=1000)
+        if len(jobs) != series or len(reports) != series:
+            raise RuntimeError(
+                f"{len(jobs)} infer and {len(reports)} report jobs for {series} series"
+            )
         started = min(event_time(store, job, "claimed") for job in jobs)
-        ended = max(event_time(store, job, "done") for job in jobs)
+        ended = max(event_time(store, job, "done") for job in reports)
         store.close()
     finally:
         node.stop()
@@ -123,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{arguments.rounds} rounds (medians; per round in brackets)"
         )
         rows = {f"{NODE}, model only": model_rates}
-        rows |= {f"stage, {count} infer processes": stage_rates[count] for count in stage_rates}
+        rows |= {
+            f"infer + report, {count} infer processes": stage_rates[count] for count in stage_rates
+        }
         print_rates(rows, width=44)
         for count, values in seconds.items():
             print(f"one series' seconds, {count} processes: median {statistics.median(values):.2f}")
@@ -132,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         for count, rates in stage_rates.items():
             rate = statistics.median(rates)
             print(
-                f"ratio {count} processes: stage/model-only {rate / model:.2f}, "
+                f"ratio {count} processes: infer + report/model-only {rate / model:.2f}, "
                 f"against {arguments.processes[0]} process(es) {rate / first:.2f}"
             )
     return 0
