@@ -50,7 +50,7 @@ class ReportStage(JobStage):
         self.storage = storage
         self.manifest = manifest
         self.node = node
-        self.destinations = list(destinations)
+        self.destinations = list(dict.fromkeys(destinations))  # each once, in order
         self.send_max_attempts = send_max_attempts
 
     def process(self, job: Job) -> Done:
@@ -86,8 +86,7 @@ class ReportStage(JobStage):
             max_attempts=self.send_max_attempts,
         )
         return Done(
-            f"SR written for revision {result.revision}, "
-            f"{len(dict.fromkeys(self.destinations))} send(s) queued",
+            f"SR written for revision {result.revision}, {len(self.destinations)} send(s) queued",
             {"report_seconds": time.perf_counter() - started},
         )
 

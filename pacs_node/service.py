@@ -8,8 +8,7 @@ processes, and more receiving ones where dicom.receive_processes gives more
 than one (its "auto" does from 8 cores on); one that only infers is the first
 of its infer processes (see `stage_process`). Each infer process takes the
 report jobs too, before its next infer job: a report names the model that
-classified, and only those processes load it.
-Every process also runs the
+classified, and only those processes load it. Every process also runs the
 periodic work (series completion sweep, lease reaper, retention): all are safe
 to run from many processes at once.
 """

@@ -42,7 +42,7 @@ def reported(node: NodeProcess) -> int:
 
 def wait_until_reported(node: NodeProcess, series: int) -> None:
     """Until the infer processes have classified `series` series and written their SRs
-    (the report job follows the infer job, in a thread of the same process)."""
+    (an infer process takes the report job before its next infer job)."""
     wait_for(lambda: reported(node) == series, 60, f"{series} series classified and reported")
 
 
