@@ -91,8 +91,8 @@ class DicomSettings(Section):
     tls: TlsSettings = Field(default_factory=TlsSettings)
     max_associations: int = Field(default=16, ge=1)
     # Processes that accept associations from the one port (1: the serving process
-    # alone). More let parallel associations use more cores; "auto": one per 4
-    # cores, 1 to 4 (`stage_process.receive_process_count`).
+    # alone). More let parallel associations use more cores; "auto": two, or one
+    # per 4 cores where that is more, at most 4 (`stage_process.receive_process_count`).
     receive_processes: Annotated[int, Field(ge=1, le=64)] | Literal["auto"] = "auto"
     acse_timeout_seconds: float = Field(default=30.0, gt=0)
     network_timeout_seconds: float = Field(default=60.0, gt=0)

@@ -34,13 +34,15 @@ def usable_cores(root: Path = CGROUP_ROOT, membership: Path = CGROUP_MEMBERSHIP)
     return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
-def one_process_per_four_cores(cores: int | None = None) -> int:
+def one_process_per_four_cores(cores: int | None = None, at_least: int = 1) -> int:
     """An "auto" count of processes for one stage: one per 4 `cores` (by default
-    the usable cores), 1 to 4. Below 8 cores one process, which the measurements
-    on 2 cores favoured (README "Performance"); four on a 16-core host, where four
-    infer processes and four receiving ones were measured. No more than four:
-    more were not measured, and each holds its own memory."""
-    return min(4, max(1, (cores or usable_cores()) // 4))
+    the usable cores), at most 4, and at least `at_least` where there are as many
+    cores. Below 8 cores one process for the infer stage, two for receiving, which
+    the measurements on 2 cores favoured (README "Performance"); four on a 16-core
+    host, where four infer processes and four receiving ones were measured. No
+    more than four: more were not measured, and each holds its own memory."""
+    usable = cores or usable_cores()
+    return min(4, max(min(at_least, usable), usable // 4, 1))
 
 
 def forward_threads(topology: Path = CPU_TOPOLOGY) -> int:

@@ -12,10 +12,11 @@ SR and job steps run on one core beside its forward passes, and another
 process's series fills the cores meanwhile (`infer_process_count`).
 
 Receiving, with more than one receiving process (dicom.receive_processes; its
-"auto" starts them from 8 cores on). Why: one process serves its
-associations in threads that take turns at one GIL. On a 16-core host four
-associations received 1.04-1.20x one association's rate in one process, and
-2.18x with four receiving processes (`tests.benchmarks.ingest`). The children
+"auto" starts a second one on 2 cores, up to four from 16 on). Why: one
+process serves its associations in threads that take turns at one GIL. Four
+associations received 0.92-1.13x one association's rate in one process on a
+2-core VM, and 1.29-1.55x with two processes; on a 16-core host 1.04-1.20x in
+one process and 2.18x with four (`tests.benchmarks.ingest`). The children
 accept from the parent's listening socket, and count associations against one
 dicom.max_associations (`AssociationSlots`).
 
@@ -37,6 +38,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Literal
 
 from pacs_node.association_slots import AssociationSlots
@@ -78,20 +80,21 @@ def infer_process_count(setting: int | Literal["auto"], cores: int | None = None
 
 
 def receive_process_count(setting: int | Literal["auto"], cores: int | None = None) -> int:
-    """dicom.receive_processes; "auto" is one receiving process per 4 cores (`cores`;
-    by default `usable_cores`), 1 to 4.
+    """dicom.receive_processes; "auto" is two receiving processes (one on a single
+    core), or one per 4 cores (`cores`; by default `usable_cores`) where that is
+    more, at most 4.
 
     One process serves its associations in threads that take turns at one GIL:
-    four associations into one process received 0.74-1.10x one association's rate
-    on this project's 2-core VM, 1.04-1.20x on a 16-core host. On that host four
-    receiving processes took them at 2.18x (3.15 cores busy; session 12,
-    tests/benchmarks/README.md). On 2 cores two or four processes gained only
-    0.94-1.27x, for ~140 MB each: the node's 3.3-4.4 ms of CPU per instance fills
-    both cores.
+    four associations into one process received 0.74-1.13x one association's rate
+    on this project's 2-core VMs, 1.04-1.20x on a 16-core host. On that host four
+    receiving processes took them at 2.18x (3.15 cores busy; session 12). On a
+    2-core VM two processes took them at 1.29-1.55x (median 1.35, four runs of
+    session 22, where one process made 0.92-1.13x in six), for ~135 MB more; four
+    processes there gained no more (1.35x, one run). tests/benchmarks/README.md.
     """
     if setting != "auto":
         return setting
-    return one_process_per_four_cores(cores)
+    return one_process_per_four_cores(cores, at_least=2)
 
 
 class StartCancelledError(PacsNodeError):
@@ -270,6 +273,7 @@ def _child_main(
     # Imported here: service imports this module.
     from pacs_node.service import Node
 
+    _name_this_process(f"pacs-{stage}")
     configure_logging(settings.logging.level)
     enable_stack_dumps()
     if stage == "infer":
@@ -290,3 +294,10 @@ def _child_main(
             pass
     finally:
         node.stop()
+
+
+def _name_this_process(name: str) -> None:
+    """The name `ps -o comm`, `top` and `pgrep` show for this process (at most 15
+    bytes on Linux), so that an operator tells the stages apart; elsewhere nothing."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/comm").write_text(name)

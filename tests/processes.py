@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any, NoReturn
@@ -274,11 +274,30 @@ def descendants(pid: int) -> list[int]:
 
 def export_child(parent: int) -> int | None:
     """The ONNX export process (`models.onnx_export`) under `parent`, if one runs."""
+    found = _children_whose(parent, "cmdline", lambda text: b"models.onnx_export" in text)
+    return found[0] if found else None
+
+
+def spawned_children(parent: int) -> list[int]:
+    """Processes under `parent` that run multiprocessing's spawned target (not its
+    resource tracker): a `serve`'s stage processes, named or not yet."""
+    return _children_whose(parent, "cmdline", lambda text: b"spawn_main" in text)
+
+
+def stage_children(parent: int, stage: str) -> list[int]:
+    """A `serve`'s child processes of one stage ("infer", "receive"), by the name
+    each gives itself once it runs (`ps -o comm`)."""
+    return _children_whose(parent, "comm", lambda text: text.strip() == f"pacs-{stage}".encode())
+
+
+def _children_whose(parent: int, field: str, matches: Callable[[bytes], bool]) -> list[int]:
+    """The processes under `parent` whose /proc file `field` matches."""
+    found = []
     for child in descendants(parent):
         with contextlib.suppress(FileNotFoundError):  # ended since it was listed
-            if b"models.onnx_export" in Path(f"/proc/{child}/cmdline").read_bytes():
-                return child
-    return None
+            if matches(Path(f"/proc/{child}/{field}").read_bytes()):
+                found.append(child)
+    return found
 
 
 def running(pid: int) -> bool:

@@ -194,10 +194,15 @@ def test_auto_process_counts_follow_a_cpu_quota_not_the_hosts_cores(
     assert one_process_per_four_cores() == 4
 
 
-@pytest.mark.parametrize("count", [infer_process_count, receive_process_count])
+@pytest.mark.parametrize(
+    ("count", "on_two_cores"), [(infer_process_count, 1), (receive_process_count, 2)]
+)
 def test_a_stages_process_count_is_the_number_set_or_by_its_cores(
-    count: Callable[[int | Literal["auto"], int | None], int],
+    count: Callable[[int | Literal["auto"], int | None], int], on_two_cores: int
 ) -> None:
     assert count(3, 2) == 3
-    assert count("auto", 2) == 1
+    assert count("auto", 1) == 1
+    # Two receiving processes took four associations ~1.35x as fast as one on 2 cores.
+    assert count("auto", 2) == count("auto", 7) == on_two_cores
+    assert count("auto", 12) == 3
     assert count("auto", 16) == 4

@@ -19,16 +19,19 @@ from pacs_node.stage_process import (
 from tests.dicom_data import renamed_series
 from tests.peers import chest_ct
 from tests.polling import wait_for
-from tests.processes import NodeProcess, descendants, export_child, running, storescu
+from tests.processes import (
+    NodeProcess,
+    descendants,
+    export_child,
+    running,
+    spawned_children,
+    stage_children,
+    storescu,
+)
 
 
 def infer_children(pid: int) -> list[int]:
-    """Child processes running multiprocessing's spawned target (not its resource tracker)."""
-    return [
-        child
-        for child in descendants(pid)
-        if b"spawn_main" in Path(f"/proc/{child}/cmdline").read_bytes()
-    ]
+    return stage_children(pid, "infer")
 
 
 def nice(pid: int) -> int:
@@ -66,11 +69,14 @@ def test_classification_runs_niced_in_a_child_that_is_restarted_when_it_dies(
         wait_until_reported(node, 2)
 
 
-def test_the_child_stops_when_its_parent_is_killed(tmp_path: Path, tiny_model: Path) -> None:
-    node = NodeProcess(tmp_path / "node", tiny_model).start()
+def test_the_children_stop_when_their_parent_is_killed(tmp_path: Path, tiny_model: Path) -> None:
+    settings = {"PACS_NODE_DICOM__RECEIVE_PROCESSES": "2"}
+    node = NodeProcess(tmp_path / "node", tiny_model, settings=settings).start()
     (infer,) = infer_children(node.pid)
+    (receiving,) = stage_children(node.pid, "receive")
     node.stop(signal.SIGKILL)
     wait_for(lambda: not running(infer), 30, "the orphaned infer process to stop")
+    wait_for(lambda: not running(receiving), 30, "the orphaned receiving process to stop")
 
 
 def stacks_waiting_to_stop(node: NodeProcess) -> int:
@@ -196,13 +202,14 @@ def test_a_first_start_exports_the_model_before_any_infer_process_starts(
     try:
         export = wait_for(lambda: export_child(serve), 60, "the export child")
         stat = Path(f"/proc/{export}/stat").read_text()
-        infer_while_exporting = infer_children(serve)
+        # None yet, named or not; receiving children start after the infer stage.
+        spawned_while_exporting = spawned_children(serve)
         wait_for(lambda: node.has_logged(" ready: "), 120, "the ready line")
         assert len(infer_children(serve)) == 1
     finally:
         assert node.stop() == 0
     assert int(stat.rsplit(")", 1)[1].split()[1]) == serve  # the export's parent
-    assert infer_while_exporting == []
+    assert spawned_while_exporting == []
     assert sum("exporting the model to ONNX" in line for line in node.lines) == 1
     assert len(list(cache.rglob("*.onnx"))) == 1
 

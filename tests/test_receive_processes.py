@@ -93,7 +93,9 @@ def receiving_node(
     return NodeProcess(folder, model, stages="receive", settings=settings)
 
 
-@pytest.mark.parametrize(("usable", "ready_line"), [(2, None), (8, "(2 processes)")])
+@pytest.mark.parametrize(
+    ("usable", "ready_line"), [(1, None), (2, "(2 processes)"), (16, "(4 processes)")]
+)
 def test_a_receiving_serve_takes_its_receiving_processes_from_its_cores_by_default(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, usable: int, ready_line: str | None
 ) -> None:

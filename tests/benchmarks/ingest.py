@@ -16,9 +16,10 @@ and the node's rate with N associations is compared with its rate with one.
 reads, file writes, syncs): the rest ran the receiver's own code. "cores busy"
 is the CPU time of the receiver and of the storescu senders over the wall
 time: near this machine's core count, the CPU is the limit.
-With --receive-processes N (N > 1), the node also receives each association
-count above one with dicom.receive_processes = N: N processes accepting from
-its one port, sharing its database and folder.
+With --receive-processes N, the node also receives each association count
+above one with dicom.receive_processes = N: N processes accepting from its one
+port, sharing its database and folder (the node's default, "auto", is two on
+2 to 11 cores: `--receive-processes 1` compares one).
 With --split-nodes N, the associations (when there are at least N) are also
 dealt to N separate `serve --stages receive` processes, each with its own
 database and folder: the most that receiving in several processes could give
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--associations", type=int, nargs="+", default=[1, 4])
     parser.add_argument(
-        "--receive-processes", type=int, default=0, help="also the node with N receive processes"
+        "--receive-processes", type=int, default=0, help="also the node with N receiving processes"
     )
     parser.add_argument("--split-nodes", type=int, default=0, help="also N separate nodes")
     arguments = parser.parse_args(argv)
@@ -84,10 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                     (NODE, [PacsNodeReceive(root / f"node-{name}", model)]),
                 ]
                 processes = arguments.receive_processes
-                if processes > 1 and associations > 1:
+                if processes and associations > 1:
                     setting = {"PACS_NODE_DICOM__RECEIVE_PROCESSES": str(processes)}
                     node = PacsNodeReceive(root / f"processes-{name}", model, settings=setting)
-                    cases.append((f"{NODE} {processes} processes", [node]))
+                    label = f"{processes} process" + ("es" if processes > 1 else "")
+                    cases.append((f"{NODE} {label}", [node]))
                 split = arguments.split_nodes
                 if split > 1 and associations >= split:
                     nodes: list[Receiver] = [

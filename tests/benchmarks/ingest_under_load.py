@@ -34,7 +34,7 @@ from tests.benchmarks.ingest import make_instances
 from tests.benchmarks.receivers import Measurement, PacsNodeReceive, send
 from tests.benchmarks.series import long_series
 from tests.polling import wait_for
-from tests.processes import descendants
+from tests.processes import stage_children
 
 QUEUED = "queued for inference"
 CLASSIFIED = "series classified"
@@ -47,8 +47,8 @@ def _infer_job_running(node: PacsNodeReceive) -> bool:
 
 @contextmanager
 def infer_stopped(serve: int) -> Iterator[None]:
-    """The processes under `serve` (its infer process) stopped meanwhile."""
-    children = descendants(serve)
+    """The infer processes under `serve` stopped meanwhile (not its receiving ones)."""
+    children = stage_children(serve, "infer")
     for child in children:
         os.kill(child, signal.SIGSTOP)
     try:
