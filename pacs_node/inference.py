@@ -12,7 +12,7 @@ from __future__ import annotations
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -65,9 +65,11 @@ class DecodedSlice:
 @dataclass(frozen=True)
 class SeriesClassification:
     result: SeriesResult
-    # Headers of the classified slices; result.evidence indexes them. The first
-    # is whole but its pixel data; the others hold only their REFERENCE_KEYWORDS.
+    # The classified slices' REFERENCE_KEYWORDS; result.evidence indexes them.
     headers: list[Dataset]
+    # The first classified slice's file: a report copies its patient and study
+    # attributes (`report_sources`).
+    first_path: Path
     # One JSON-able entry per classified slice: SOP Instance UID, instance number, probabilities.
     slices: list[dict[str, Any]]
     # Slices that could not be used, with the reason.
@@ -105,6 +107,7 @@ class SeriesClassifier:
     ) -> SeriesClassification:
         manifest = self.predictor.manifest
         headers: list[Dataset] = []
+        first_path: Path | None = None
         rows: list[np.ndarray] = []
         skipped: list[tuple[str, str]] = []
         decode_seconds = forward_seconds = 0.0
@@ -127,13 +130,14 @@ class SeriesClassifier:
                     forward_started = time.perf_counter()
                     rows.extend(forwards.put(inputs))
                     forward_seconds += time.perf_counter() - forward_started
-                    for item, _, header in usable:
-                        headers.append(_reference(header, item.whole) if headers else _whole(item))
+                    if first_path is None:
+                        first_path = usable[0][0].path
+                    headers += [_reference(header, item.whole) for item, _, header in usable]
                 on_batch()
                 waiting_since = time.perf_counter()
             rows.extend(forwards.drain())
             forward_seconds += time.perf_counter() - waiting_since
-        if not headers:
+        if first_path is None:
             raise PermanentError(f"none of the {len(paths)} slices could be classified")
         probabilities = np.concatenate(rows)
         result = aggregate(probabilities, manifest.classes, manifest.aggregation)
@@ -148,6 +152,7 @@ class SeriesClassifier:
         return SeriesClassification(
             result=result,
             headers=headers,
+            first_path=first_path,
             slices=slices,
             skipped=skipped,
             decode_seconds=decode_seconds,
@@ -296,8 +301,8 @@ def decode_slice(item: Slice, preprocessing: Any) -> DecodedSlice:
     return DecodedSlice(path=path, header=dataset, pixels=pixels, error=None)
 
 
-# All the report and the per-slice results read of a slice but the first
-# (whose patient and study attributes the report copies).
+# What the per-slice results and the report's references read of a slice. The
+# report's first source is whole (`report_sources`).
 REFERENCE_KEYWORDS = (
     "SOPClassUID",
     "SOPInstanceUID",
@@ -307,11 +312,11 @@ REFERENCE_KEYWORDS = (
 )
 
 
-def _whole(item: DecodedSlice) -> Dataset:
-    """The first classified slice's whole header (but its pixel data): the report copies it."""
-    if item.whole and item.header is not None:
-        return item.header
-    return pydicom.dcmread(item.path, stop_before_pixels=True)
+def report_sources(first: Path, others: Iterable[Dataset]) -> list[Dataset]:
+    """A report's sources, in slice order: the first classified slice's header,
+    whole but its pixel data, read from its file `first` (the report copies its
+    patient and study attributes), then the other slices' REFERENCE_KEYWORDS."""
+    return [pydicom.dcmread(first, stop_before_pixels=True), *others]
 
 
 def reference_header(

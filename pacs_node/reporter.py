@@ -15,7 +15,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite
@@ -24,7 +23,7 @@ from pydicom.uid import Comprehensive3DSRStorage
 from models.aggregation import SeriesResult
 from models.manifest import Manifest
 from pacs_node.errors import PermanentError
-from pacs_node.inference import instance_reference
+from pacs_node.inference import instance_reference, report_sources
 from pacs_node.report import PredecessorReport, ReportingNode, build_report
 from pacs_node.stage import Done, JobStage, Worker
 from pacs_node.storage import Storage
@@ -103,11 +102,8 @@ class ReportStage(JobStage):
             raise PermanentError(
                 f"{len(missing)} classified slice(s) are no longer stored, e.g. {missing[0]}"
             )
-        first = instances[uids[0]]
-        return [
-            pydicom.dcmread(self.storage.absolute(first.path), stop_before_pixels=True),
-            *(instance_reference(instances[uid]) for uid in uids[1:]),
-        ]
+        first = self.storage.absolute(instances[uids[0]].path)
+        return report_sources(first, (instance_reference(instances[uid]) for uid in uids[1:]))
 
     def _predecessor(self, result: Result) -> PredecessorReport | None:
         previous = self.store.previous_result(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from pathlib import Path
 
@@ -49,6 +50,19 @@ def tool(name: str) -> str:
         missing(f"program {name!r}")
         raise AssertionError  # unreachable: missing() raises
     return found
+
+
+def dciodvfy(path: Path) -> list[str]:
+    """dicom3tools' dciodvfy on `path`: its output lines, printed; fails the test on
+    any line that says "Error" (its warnings are left to the caller)."""
+    completed = subprocess.run(
+        [tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False, timeout=60
+    )
+    lines = (completed.stdout + completed.stderr).splitlines()
+    print(f"dciodvfy {path.name}:", *lines, sep="\n  ")
+    errors = [line for line in lines if "Error" in line]
+    assert not errors, "\n".join(errors)
+    return lines
 
 
 def chest_ct() -> Path:

@@ -21,7 +21,7 @@ from pydicom.uid import CTImageStorage, MRImageStorage
 
 from pacs_node.report import read_report
 from tests.dicom_data import renamed_series, series_uid, variant
-from tests.peers import chest_ct, dcmtk_environment, free_port, tool
+from tests.peers import chest_ct, dciodvfy, dcmtk_environment, free_port, tool
 from tests.polling import wait_for
 from tests.processes import NodeProcess, StoreSCP, echo, storescu
 from tests.scu import store_status
@@ -83,17 +83,34 @@ def test_series_from_storescu_comes_back_as_one_valid_sr(tmp_path: Path, tiny_mo
         assert value == pytest.approx(expected[name], abs=1e-6)
 
     sr_file = destination.received()[0]
-    verified = subprocess.run([tool("dciodvfy"), str(sr_file)], capture_output=True, text=True)
-    errors = [
-        line
-        for line in (verified.stdout + verified.stderr).splitlines()
-        if line.startswith("Error")
-    ]
-    assert not errors, "\n".join(errors)
+    dciodvfy(sr_file)
     dumped = subprocess.run(
         [tool("dsrdump"), str(sr_file)], capture_output=True, text=True, check=True
     )
     assert summary.label in dumped.stdout.lower() or _meaning(summary.label) in dumped.stdout
+
+
+def test_classify_writes_the_sr_the_node_would_send(tmp_path: Path, tiny_model: Path) -> None:
+    """`pacs-node classify --sr`: the series' SR, with its patient and study (read
+    from the first slice's file), every slice referenced, valid to dciodvfy."""
+    files = renamed_series(chest_ct(), tmp_path / "series", count=4)
+    sr_file = tmp_path / "report.dcm"
+    node = NodeProcess(tmp_path / "node", tiny_model)
+    completed = node.run("classify", "--json", "--sr", str(sr_file), str(tmp_path / "series"))
+    (series,) = json.loads(completed.stdout)["series"]
+    assert series["sr"] == str(sr_file)
+    report = pydicom.dcmread(sr_file)
+    source = pydicom.dcmread(files[0], stop_before_pixels=True)
+    for keyword in ("PatientName", "PatientID", "PatientBirthDate", "StudyInstanceUID"):
+        assert report[keyword].value == source[keyword].value, keyword
+    summary = read_report(report)
+    assert summary.label == series["label"]
+    (study,) = report.CurrentRequestedProcedureEvidenceSequence
+    (referenced,) = study.ReferencedSeriesSequence
+    assert {item.ReferencedSOPInstanceUID for item in referenced.ReferencedSOPSequence} == {
+        str(pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID) for path in files
+    }
+    dciodvfy(sr_file)
 
 
 def _meaning(label: str) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import pydicom
 import pytest
 from pydicom.dataset import Dataset
 
@@ -27,31 +28,32 @@ from pacs_node.inference import (
     decode_thread_count,
     forward_lane_count,
     load_classifier,
+    report_sources,
 )
 from pacs_node.report import ReportingNode, build_report
 from tests.dicom_data import renamed_series, stored_slice, tiny_artifact
 from tests.peers import REPO, chest_ct
 
 
-def test_only_the_first_header_is_kept_whole_and_the_report_still_references_every_slice(
+def test_no_header_is_kept_whole_and_the_report_copies_the_first_from_its_file(
     tmp_path: Path, tiny_model: Path
 ) -> None:
     files = renamed_series(chest_ct(), tmp_path / "series", count=3)
     classifier = SeriesClassifier(SlicePredictor(tiny_model, "cpu"), batch_size=2)
     classification = classifier.classify(files)
-    first, *others = classification.headers
-    assert "PatientID" in first and "PixelData" not in first
     # Memory must not grow with the series by a whole header per slice.
-    assert [sorted(header.keys()) for header in others] == [
-        sorted(first[keyword].tag for keyword in REFERENCE_KEYWORDS)
-    ] * 2
+    references = sorted(pydicom.dcmread(files[0])[keyword].tag for keyword in REFERENCE_KEYWORDS)
+    assert [sorted(header.keys()) for header in classification.headers] == [references] * 3
+    assert classification.first_path == files[0]
     report = build_report(
-        sources=classification.headers,
+        sources=report_sources(classification.first_path, classification.headers[1:]),
         result=classification.result,
         manifest=classifier.predictor.manifest,
         revision=1,
         node=ReportingNode(ae_title="TEST"),
     )
+    first = pydicom.dcmread(files[0])
+    assert (report.PatientID, report.PatientName) == (first.PatientID, first.PatientName)
     (study,) = report.CurrentRequestedProcedureEvidenceSequence
     (series,) = study.ReferencedSeriesSequence
     assert [item.ReferencedSOPInstanceUID for item in series.ReferencedSOPSequence] == [
@@ -268,13 +270,12 @@ def test_slices_read_through_their_layouts_classify_as_their_files_do(
     by_layout = classifier.classify(stored)
     assert by_layout.slices == by_file.slices  # the same probabilities, exactly
     assert by_layout.result == by_file.result
-    # The report copies the first header whole: read from its file, not from the row.
-    assert by_layout.headers[0] == by_file.headers[0]
-    assert by_layout.headers[1:] == by_file.headers[1:]
-    # The others are the headers the rows gave, not copies made between forward passes.
+    assert by_layout.headers == by_file.headers
+    assert by_layout.first_path == by_file.first_path == files[0]
+    # The headers the rows gave, not copies made between forward passes; no file is
+    # parsed for them.
     assert all(
-        header is item.reference
-        for header, item in zip(by_layout.headers[1:], stored[1:], strict=True)
+        header is item.reference for header, item in zip(by_layout.headers, stored, strict=True)
     )
 
 
@@ -310,7 +311,7 @@ def _classified_and_reported_in_a_fresh_process(
     script = f"""
 from pathlib import Path
 from pacs_node.config import InferenceSettings, Settings
-from pacs_node.inference import load_classifier
+from pacs_node.inference import load_classifier, report_sources
 from pacs_node.report import ReportingNode, build_report
 from tests.peers import chest_ct
 classifier = load_classifier(
@@ -319,7 +320,7 @@ classifier = load_classifier(
 classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:{slices}])
 {before_report}
 build_report(
-    sources=classification.headers,
+    sources=report_sources(classification.first_path, classification.headers[1:]),
     result=classification.result,
     manifest=classifier.predictor.manifest,
     revision=1,

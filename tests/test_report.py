@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import copy
-import os
-import shutil
 import subprocess
 from collections.abc import Sequence
 from datetime import datetime
@@ -31,6 +29,7 @@ from pacs_node.report import (
     sr_series_uid,
     sr_sop_instance_uid,
 )
+from tests.peers import dciodvfy, tool
 
 DATA = Path(__file__).parents[2] / "shared" / "data" / "chest-ct-30"
 CLASSES = ["normal", "benign", "malignant"]
@@ -48,16 +47,6 @@ IDENTITY = (
     "ReferringPhysicianName",
     "StudyID",
 )
-
-
-def _tool(name: str) -> str:
-    path = shutil.which(name)
-    if path is None:
-        message = f"{name} is not installed (dicom3tools / DCMTK)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return path
 
 
 def _manifest(folder: Path, classes: Sequence[str], **details: object) -> Manifest:
@@ -120,21 +109,9 @@ def _write(report: Dataset, path: Path) -> Path:
     return path
 
 
-def _dciodvfy(path: Path) -> list[str]:
-    """dciodvfy's output lines; fails on any line with "Error", prints the rest."""
-    completed = subprocess.run(
-        [_tool("dciodvfy"), str(path)], capture_output=True, text=True, check=False, timeout=60
-    )
-    lines = (completed.stdout + completed.stderr).splitlines()
-    print(f"dciodvfy {path.name}:", *lines, sep="\n  ")
-    errors = [line for line in lines if "Error" in line]
-    assert not errors, "\n".join(errors)
-    return lines
-
-
 def _dsrdump(path: Path) -> str:
     completed = subprocess.run(
-        [_tool("dsrdump"), "+Pl", "+U8", str(path)],
+        [tool("dsrdump"), "+Pl", "+U8", str(path)],
         capture_output=True,
         check=True,
         timeout=60,
@@ -162,7 +139,7 @@ def test_dciodvfy_finds_no_errors(
     report = _build(
         sources, result, manifest, revision=2, predecessor=_predecessor(sources, manifest)
     )
-    _dciodvfy(_write(report, tmp_path / "sr.dcm"))
+    dciodvfy(_write(report, tmp_path / "sr.dcm"))
 
 
 @pytest.mark.peer
@@ -184,7 +161,7 @@ def test_dciodvfy_finds_no_errors_with_private_and_overridden_codes(
         evidence=(0,),
     )
     path = _write(_build(sources, result, manifest), tmp_path / "sr.dcm")
-    _dciodvfy(path)
+    dciodvfy(path)
     text = _dsrdump(path)
     assert f'(ground-glass opacity, long name,{PRIVATE_SCHEME},"ground-glass opacity' in text
     assert '(20376005,SCT,"Benign neoplasm")' in text
@@ -451,7 +428,7 @@ def test_non_ascii_patient_names_survive(
     assert back.SpecificCharacterSet == charset
     assert str(back.PatientName) == name
     assert back.ReferringPhysicianName == changed[0].ReferringPhysicianName
-    _dciodvfy(path)
+    dciodvfy(path)
     assert name.split("=")[0].split("^")[0] in _dsrdump(path)
 
 
