@@ -202,7 +202,7 @@ def test_a_stages_process_count_is_the_number_set_or_by_its_cores(
 ) -> None:
     assert count(3, 2) == 3
     assert count("auto", 1) == 1
-    # Two receiving processes took four associations ~1.35x as fast as one on 2 cores.
+    # Two receiving processes took four associations ~1.3x as fast as one on 2 cores.
     assert count("auto", 2) == count("auto", 7) == on_two_cores
     assert count("auto", 12) == 3
     assert count("auto", 16) == 4
