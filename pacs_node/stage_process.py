@@ -14,8 +14,8 @@ process's series fills the cores meanwhile (`infer_process_count`).
 Receiving, with more than one receiving process (dicom.receive_processes; its
 "auto" starts a second one on 2 cores, up to four from 16 on). Why: one
 process serves its associations in threads that take turns at one GIL. Four
-associations received 0.79-1.13x one association's rate in one process on a
-2-core VM, and 1.03-1.55x with two processes; on a 16-core host 1.04-1.20x in
+associations received 0.74-1.13x one association's rate in one process on
+2-core VMs, and 1.03-1.55x with two processes; on a 16-core host 1.04-1.20x in
 one process and 2.18x with four (`tests.benchmarks.ingest`). The children
 accept from the parent's listening socket, and count associations against one
 dicom.max_associations (`AssociationSlots`).
