@@ -14,7 +14,7 @@ process's series fills the cores meanwhile (`infer_process_count`).
 Receiving, with more than one receiving process (dicom.receive_processes; its
 "auto" starts a second one on 2 cores, up to four from 16 on). Why: one
 process serves its associations in threads that take turns at one GIL. Four
-associations received 0.74-1.13x one association's rate in one process on
+associations received 0.74-1.32x one association's rate in one process on
 2-core VMs, and 1.03-1.55x with two processes; on a 16-core host 1.04-1.20x in
 one process and 2.18x with four (`tests.benchmarks.ingest`). The children
 accept from the parent's listening socket, and count associations against one
@@ -85,11 +85,11 @@ def receive_process_count(setting: int | Literal["auto"], cores: int | None = No
     more, at most 4.
 
     One process serves its associations in threads that take turns at one GIL:
-    four associations into one process received 0.74-1.13x one association's rate
+    four associations into one process received 0.74-1.32x one association's rate
     on this project's 2-core VMs, 1.04-1.20x on a 16-core host. On that host four
     receiving processes took them at 2.18x (3.15 cores busy; session 12). On a
-    2-core VM two processes took them at 1.03-1.55x (median 1.31, five runs of
-    session 22; 1.10-1.41x one process's rate in the same runs), for ~135 MB more;
+    2-core VM two processes took them at 1.03-1.55x (median 1.33, six runs of
+    session 22; 1.00-1.41x one process's rate in the same runs), for ~135 MB more;
     four processes there gained no more (1.35x, one run). tests/benchmarks/README.md.
     """
     if setting != "auto":
