@@ -20,7 +20,7 @@ from pydicom.errors import InvalidDicomError
 
 from pacs_node.config import Settings
 from pacs_node.errors import BadInstanceError, ConfigurationError, PermanentError
-from pacs_node.inference import SeriesClassification, load_classifier, report_sources
+from pacs_node.inference import SeriesClassification, load_classifier
 from pacs_node.intake import describe
 from pacs_node.report import build_report, reporting_node
 
@@ -58,7 +58,7 @@ def run_classify(
         document = _document(series_uid, classification, manifest.model_id, manifest.content_hash)
         if sr_out is not None:
             report = build_report(
-                sources=report_sources(classification.first_path, classification.headers[1:]),
+                sources=classification.sources_for_report(),
                 result=classification.result,
                 manifest=manifest,
                 revision=1,

@@ -82,6 +82,11 @@ class SeriesClassification:
     def evidence_uids(self) -> list[str]:
         return [str(self.headers[index].SOPInstanceUID) for index in self.result.evidence]
 
+    def sources_for_report(self) -> list[Dataset]:
+        """The report's sources (`report_sources`): the first slice's whole header, read
+        from its file, then the others' references."""
+        return report_sources(self.first_path, self.headers[1:])
+
 
 class SeriesClassifier:
     def __init__(self, predictor: SlicePredictor, batch_size: int, decode_threads: int = 2) -> None:

@@ -28,7 +28,6 @@ from pacs_node.inference import (
     decode_thread_count,
     forward_lane_count,
     load_classifier,
-    report_sources,
 )
 from pacs_node.report import ReportingNode, build_report
 from tests.dicom_data import renamed_series, stored_slice, tiny_artifact
@@ -42,17 +41,17 @@ def test_no_header_is_kept_whole_and_the_report_copies_the_first_from_its_file(
     classifier = SeriesClassifier(SlicePredictor(tiny_model, "cpu"), batch_size=2)
     classification = classifier.classify(files)
     # Memory must not grow with the series by a whole header per slice.
-    references = sorted(pydicom.dcmread(files[0])[keyword].tag for keyword in REFERENCE_KEYWORDS)
+    first = pydicom.dcmread(files[0], stop_before_pixels=True)
+    references = sorted(first[keyword].tag for keyword in REFERENCE_KEYWORDS)
     assert [sorted(header.keys()) for header in classification.headers] == [references] * 3
     assert classification.first_path == files[0]
     report = build_report(
-        sources=report_sources(classification.first_path, classification.headers[1:]),
+        sources=classification.sources_for_report(),
         result=classification.result,
         manifest=classifier.predictor.manifest,
         revision=1,
         node=ReportingNode(ae_title="TEST"),
     )
-    first = pydicom.dcmread(files[0])
     assert (report.PatientID, report.PatientName) == (first.PatientID, first.PatientName)
     (study,) = report.CurrentRequestedProcedureEvidenceSequence
     (series,) = study.ReferencedSeriesSequence
@@ -311,7 +310,7 @@ def _classified_and_reported_in_a_fresh_process(
     script = f"""
 from pathlib import Path
 from pacs_node.config import InferenceSettings, Settings
-from pacs_node.inference import load_classifier, report_sources
+from pacs_node.inference import load_classifier
 from pacs_node.report import ReportingNode, build_report
 from tests.peers import chest_ct
 classifier = load_classifier(
@@ -320,7 +319,7 @@ classifier = load_classifier(
 classification = classifier.classify(sorted(chest_ct().glob("*.dcm"))[:{slices}])
 {before_report}
 build_report(
-    sources=report_sources(classification.first_path, classification.headers[1:]),
+    sources=classification.sources_for_report(),
     result=classification.result,
     manifest=classifier.predictor.manifest,
     revision=1,

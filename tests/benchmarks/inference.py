@@ -63,7 +63,6 @@ from pacs_node.inference import (
     SeriesClassifier,
     Slice,
     forward_lane_count,
-    report_sources,
     settle_long_lived_objects,
 )
 from pacs_node.report import ReportingNode, build_report
@@ -287,7 +286,7 @@ def with_report(classifier: SeriesClassifier, paths: Sequence[Slice], storage: S
     def run() -> None:
         classification = classifier.classify(paths)
         report = build_report(
-            sources=report_sources(classification.first_path, classification.headers[1:]),
+            sources=classification.sources_for_report(),
             result=classification.result,
             manifest=classifier.predictor.manifest,
             revision=1,
