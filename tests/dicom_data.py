@@ -49,9 +49,12 @@ def renamed_series(
     source: Path, target: Path, count: int | None = None, suffix: str = ""
 ) -> list[Path]:
     """Copies of a real series under new Study/Series/SOP UIDs (a new patient visit)."""
+    files = sorted(source.glob("*.dcm"))[:count]
+    if not files:
+        # Callers loop until they have enough copies: none would never be enough.
+        raise FileNotFoundError(f"no *.dcm files in {source}")
     target.mkdir(parents=True, exist_ok=True)
     study, series = generate_uid(), generate_uid()
-    files = sorted(source.glob("*.dcm"))[:count]
     written = []
     for path in files:
         dataset = pydicom.dcmread(path)

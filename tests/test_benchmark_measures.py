@@ -1,4 +1,5 @@
-"""The ingest benchmark's CPU figures: user and kernel time read apart from /proc."""
+"""The benchmarks' own parts: CPU figures (user and kernel time read apart from /proc),
+and the copies of the real series they send."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
 
 from tests.benchmarks.receivers import cpu_times
+from tests.dicom_data import renamed_series
 
 # Pure Python arithmetic: user time. Reading /dev/zero in 1 MB pieces: the kernel
 # fills the buffers, so nearly all of that time is system time.
@@ -45,3 +50,12 @@ def test_user_and_kernel_time_are_told_apart() -> None:
     assert computing.user > 0.1 and computing.user > 3 * computing.kernel, computing
     assert reading.kernel > 0.1 and reading.kernel > 3 * reading.user, reading
     assert computing.total == computing.user + computing.kernel
+
+
+def test_a_series_cannot_be_copied_from_a_folder_without_one(tmp_path: Path) -> None:
+    # The ingest benchmark copies the series until it has enough instances: from a
+    # folder without the shared data it made empty folders until the disk was full.
+    (tmp_path / "elsewhere").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no \*\.dcm files"):
+        renamed_series(tmp_path / "elsewhere", tmp_path / "copy")
+    assert not (tmp_path / "copy").exists()

@@ -28,6 +28,7 @@ from models.artifact import ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
 from models.predictor import SlicePredictor
 from models.preprocessing import Preprocessing, input_from_dataset, window
+from tests.peers import CHEST_CT
 from training.cli import main
 from training.cv import fold_indices
 from training.datasets import DataError, Sample, read_image_sample
@@ -37,8 +38,6 @@ from training.layouts import load_all, scan
 from training.metrics import classification_metrics
 from training.recipe import Recipe
 
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-CHEST_CT = SHARED_DATA / "chest-ct-30"
 CLASSES = ("benign", "malignant", "normal")
 EVALUATE_KEYS = {
     "n",
