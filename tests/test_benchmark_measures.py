@@ -54,7 +54,7 @@ def test_user_and_kernel_time_are_told_apart() -> None:
 
 def test_a_series_cannot_be_copied_from_a_folder_without_one(tmp_path: Path) -> None:
     # The ingest benchmark copies the series until it has enough instances: from a
-    # folder without the shared data it made empty folders until the disk was full.
+    # folder without the shared data it made empty folders until it was stopped.
     (tmp_path / "elsewhere").mkdir()
     with pytest.raises(FileNotFoundError, match=r"no \*\.dcm files"):
         renamed_series(tmp_path / "elsewhere", tmp_path / "copy")
