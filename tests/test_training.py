@@ -28,7 +28,7 @@ from models.artifact import ArtifactError, load_artifact
 from models.network import build_mobilenet_v2
 from models.predictor import SlicePredictor
 from models.preprocessing import Preprocessing, input_from_dataset, window
-from tests.peers import CHEST_CT
+from tests.peers import chest_ct
 from training.cli import main
 from training.cv import fold_indices
 from training.datasets import DataError, Sample, read_image_sample
@@ -273,7 +273,6 @@ def test_corrupted_artifacts_are_refused_by_name(fitted: Path, tmp_path: Path) -
         load_artifact(missing)
 
 
-@pytest.mark.skipif(not CHEST_CT.is_dir(), reason="needs ../shared/data/chest-ct-30")
 @pytest.mark.parametrize(("center", "width"), [(70.0, 30.0), (-600.0, 1200.0)])
 def test_dicom_and_its_8bit_export_give_the_same_input(
     tmp_path: Path, center: float, width: float
@@ -288,7 +287,7 @@ def test_dicom_and_its_8bit_export_give_the_same_input(
     mean (1/255) and on the 99th percentile (6/255), measured, not a max.
     """
     preprocessing = Preprocessing(window_center=center, window_width=width, input_size=224)
-    dataset = pydicom.dcmread(sorted(CHEST_CT.glob("*.dcm"))[15])
+    dataset = pydicom.dcmread(sorted(chest_ct().glob("*.dcm"))[15])
     from_dicom = torch.from_numpy(input_from_dataset(dataset, preprocessing))
     from models.preprocessing import hounsfield_units
 
@@ -420,13 +419,13 @@ def test_errors_are_reported_not_raised(tmp_path: Path, capsys: pytest.CaptureFi
     assert "does not exist" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not CHEST_CT.is_dir(), reason="needs ../shared/data/chest-ct-30")
 def test_predict_gives_slice_probabilities_and_the_series_rule(
     fitted: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "series.json"
     model = str(fitted / "artifact")
-    code = main(["predict", "--model", model, "--dicom", str(CHEST_CT), "--json", str(out)])
+    series = str(chest_ct())
+    code = main(["predict", "--model", model, "--dicom", series, "--json", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert len(result["slices"]) == 30
